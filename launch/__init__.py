@@ -1,0 +1,1 @@
+"""Launching: torchrun and Slurm launchers and the cluster environment."""

@@ -1,0 +1,1 @@
+"""Training: Hydra config schema, the trainer loop, optimizer, schedules, checkpoints, logging."""
