@@ -1,0 +1,57 @@
+"""The layer-pattern language: one character per layer, as megatron-core's hybrid models use it.
+
+``M`` Mamba-2 mixer, ``*`` self-attention, ``E`` mixture-of-experts MLP, ``-`` dense MLP.
+``|`` marks a pipeline-stage boundary (it is not a layer). Example (Nemotron 3 Nano):
+``MEMEM*EMEMEM*E...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAMBA, ATTENTION, MOE, MLP, STAGE = "M", "*", "E", "-", "|"
+LAYER_SYMBOLS = (MAMBA, ATTENTION, MOE, MLP)
+NAMES = {MAMBA: "mamba", ATTENTION: "attention", MOE: "moe", MLP: "mlp"}
+
+
+class PatternError(ValueError):
+    """A layer pattern that cannot be built; the message points at the position."""
+
+
+@dataclass(frozen=True)
+class LayerPattern:
+    """A parsed pattern. ``layers`` has no stage marks; ``stages`` is the split at ``|``."""
+
+    text: str
+    layers: str
+    stages: tuple[str, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def count(self, symbol: str) -> int:
+        return self.layers.count(symbol)
+
+
+def _point_at(text: str, pos: int) -> str:
+    return f"\n  {text}\n  {' ' * pos}^"
+
+
+def parse(text: str, field: str = "model.pattern") -> LayerPattern:
+    """Parse and check a pattern string; errors name ``field`` and point at the offending position."""
+    if not isinstance(text, str) or not text:
+        raise PatternError(f"{field}: empty layer pattern; use characters {''.join(LAYER_SYMBOLS)}")
+    for pos, ch in enumerate(text):
+        if ch not in LAYER_SYMBOLS and ch != STAGE:
+            raise PatternError(
+                f"{field}: invalid character {ch!r} at position {pos} (valid: "
+                f"M mamba, * attention, E moe, - mlp, | stage boundary){_point_at(text, pos)}"
+            )
+    stages = tuple(text.split(STAGE))
+    offset = 0
+    for stage in stages:
+        if not stage:
+            raise PatternError(f"{field}: empty pipeline stage at position {offset}{_point_at(text, offset)}")
+        offset += len(stage) + 1
+    return LayerPattern(text=text, layers=text.replace(STAGE, ""), stages=stages)
