@@ -183,8 +183,9 @@ def _patch_torch_cuda():
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     # Seeding "the device generator" seeds the CPU one: megatron's RNG tracker seeds a region by
     # seeding the device generator and reading its state back.
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # (torch.manual_seed itself calls cuda.manual_seed_all, so that one must not recurse.)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
     cuda.memory_allocated = lambda device=None: 0
     cuda.max_memory_allocated = lambda device=None: 0
     cuda.memory_reserved = lambda device=None: 0

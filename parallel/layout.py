@@ -1,0 +1,125 @@
+"""Parallel layout: how the world of ranks is split into TP × CP × DP × PP (and EP over TP·CP·DP).
+
+Names and rules follow megatron-core, so a user can map ``parallel.*`` onto Megatron-LM flags:
+tp ↔ --tensor-model-parallel-size, pp ↔ --pipeline-model-parallel-size, ep ↔
+--expert-model-parallel-size, cp ↔ --context-parallel-size, dp inferred from the world size.
+Every impossible combination fails here, at start-up, with the field and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclass
+class ModelDims:
+    """What the layout rules need to know of the model (``parallel`` does not import ``model``)."""
+
+    num_layers: int
+    stages: tuple[int, ...] = ()  # layers per '|'-separated stage, if the pattern has stage marks
+    attention_heads: int = 0
+    query_groups: int = 0
+    mamba_heads: int = 0
+    mamba_groups: int = 0
+    num_experts: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    # Data-parallel size; null infers world_size / (tp·pp·cp).
+    dp: Optional[int] = None
+    # null: on when tp > 1 (megatron-core requires it for MoE with tp > 1).
+    sequence_parallel: Optional[bool] = None
+    distributed_optimizer: bool = False
+    # MoE token dispatcher: alltoall (the one that scales with ep) or allgather.
+    moe_dispatcher: str = "alltoall"
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+    def validate(self, world_size: int, dims: ModelDims | None = None) -> int:
+        """Check the layout for ``world_size`` ranks (and the model, if given); return dp."""
+
+        def fail(field, msg):
+            raise LayoutError(f"parallel.{field}: {msg}")
+
+        for field in ("tp", "pp", "ep", "cp"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or v < 1:
+                fail(field, f"must be a positive integer, got {v!r}")
+        if self.moe_dispatcher not in ("alltoall", "allgather"):
+            fail("moe_dispatcher", f"must be alltoall or allgather, got {self.moe_dispatcher!r}")
+        if self.cp > 1:
+            fail("cp", "context parallelism is not available yet in hymoe; set parallel.cp=1")
+        mp = self.tp * self.pp * self.cp
+        if world_size % mp:
+            fail(
+                "tp",
+                f"world size {world_size} is not divisible by tp·pp·cp = "
+                f"{self.tp}·{self.pp}·{self.cp} = {mp}; change the layout or the number of ranks",
+            )
+        dp = world_size // mp
+        if self.dp is not None and self.dp != dp:
+            fail("dp", f"{self.dp} ≠ world size {world_size} / (tp·pp·cp = {mp}) = {dp}")
+        if (self.tp * self.cp * dp) % self.ep:
+            fail("ep", f"{self.ep} must divide tp·cp·dp = {self.tp * self.cp * dp}")
+        if self.sequence_parallel and self.tp == 1:
+            fail("sequence_parallel", "needs tp > 1")
+        if dims is not None:
+            self._validate_model(dims, fail)
+        return dp
+
+    def _validate_model(self, d: ModelDims, fail) -> None:
+        tp = self.tp
+        if d.attention_heads:
+            if d.attention_heads % tp:
+                fail("tp", f"tp={tp} does not divide model.num_attention_heads={d.attention_heads}")
+            if d.query_groups % tp:
+                fail(
+                    "tp",
+                    f"tp={tp} does not divide model.num_query_groups={d.query_groups} "
+                    "(megatron-core shards whole KV groups over TP)",
+                )
+        if d.mamba_heads:
+            if d.mamba_heads % tp:
+                fail("tp", f"tp={tp} does not divide model.mamba_num_heads={d.mamba_heads}")
+            if d.mamba_groups % tp:
+                fail("tp", f"tp={tp} does not divide model.mamba_num_groups={d.mamba_groups}")
+        if d.num_experts:
+            if d.num_experts % self.ep:
+                fail("ep", f"ep={self.ep} does not divide model.num_experts={d.num_experts}")
+            if tp > 1 and self.sequence_parallel is False:
+                fail(
+                    "sequence_parallel",
+                    "MoE layers with tp > 1 need sequence parallel (megatron-core); remove the "
+                    "override or set it to true",
+                )
+        elif self.ep > 1:
+            fail("ep", f"ep={self.ep} but the model has no MoE layers")
+        if d.stages and len(d.stages) > 1:
+            if len(d.stages) != self.pp:
+                fail(
+                    "pp",
+                    f"the pattern has {len(d.stages)} '|'-separated stages but pp={self.pp}",
+                )
+            if len(set(d.stages)) != 1:
+                fail(
+                    "pp",
+                    f"stages of {list(d.stages)} layers: megatron-core's hybrid stack needs "
+                    "equal stages; move the '|' marks",
+                )
+        if d.num_layers % self.pp:
+            fail("pp", f"pp={self.pp} does not divide the {d.num_layers} layers of the pattern")

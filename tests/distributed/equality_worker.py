@@ -1,0 +1,85 @@
+"""Worker for the layout-equality tests (run by torchrun; see tests/test_parallel_equality.py).
+
+``reference``: one process builds the tiny hybrid MoE, saves its initial weights as a megatron
+dist-checkpoint, trains 3 steps and writes per-step losses and grad norms.
+``layouts``: several processes, for each layout in turn: set up megatron's groups, build the model,
+load the same initial weights (megatron resharding them onto the layout), train the same 3 steps
+on the same global batches, write the results. All fp32.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from hymoe.model.config import ModelConfig
+from hymoe.parallel.layout import ParallelConfig
+from hymoe.parallel.setup import init_distributed, initialize_model_parallel
+from hymoe.train.checkpoint import load_model_weights, save_model_weights
+from hymoe.train.model_setup import build_model_chunks
+from hymoe.train.optim import OptimConfig, build_optimizer, build_scheduler
+from hymoe.train.step import train_step
+
+STEPS, GLOBAL_BATCH, SEQ, VOCAB = 3, 4, 32, 256
+MODEL = ModelConfig(pattern="M*E-", num_experts=4, moe_router_topk=2)
+LAYOUTS = {
+    "tp2": ParallelConfig(tp=2),
+    "ep2": ParallelConfig(ep=2, moe_dispatcher="alltoall"),
+    "pp2": ParallelConfig(pp=2),
+    "dp2_distopt": ParallelConfig(distributed_optimizer=True),
+}
+
+
+def batches(step: int, dp_rank: int, dp_size: int):
+    """The step's global batch (fixed random tokens), this DP rank's share, one sequence per micro."""
+    g = torch.Generator().manual_seed(1000 + step)
+    data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    mine = data[dp_rank::dp_size]
+    return [
+        {"tokens": s[None, :-1], "labels": s[None, 1:], "loss_mask": torch.ones(1, SEQ)}
+        for s in mine
+    ]
+
+
+def run(layout: ParallelConfig, init_dir: str, save_init: bool) -> list[dict]:
+    from megatron.core import parallel_state
+
+    initialize_model_parallel(layout, seed=1234)
+    dp = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    chunks, _ = build_model_chunks(MODEL, layout, VOCAB)
+    if save_init:
+        save_model_weights(chunks, init_dir)
+    else:
+        load_model_weights(chunks, init_dir)
+    opt_cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1)
+    optimizer = build_optimizer(opt_cfg, chunks, distributed=layout.distributed_optimizer, bf16=False)
+    scheduler = build_scheduler(opt_cfg, optimizer, STEPS)
+    out = []
+    for step in range(STEPS):
+        micro = batches(step, dp_rank, dp)
+        r = train_step(chunks, optimizer, scheduler, iter(micro), len(micro), SEQ, 1)
+        out.append({"loss": r.loss, "grad_norm": r.grad_norm, "tokens": r.tokens})
+    return out
+
+
+def main():
+    mode, workdir = sys.argv[1], sys.argv[2]
+    rank, world = init_distributed()
+    init_dir = os.path.join(workdir, "init")
+    if mode == "reference":
+        results = {"reference": run(ParallelConfig(), init_dir, save_init=True)}
+    else:
+        names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(LAYOUTS)
+        results = {name: run(LAYOUTS[name], init_dir, save_init=False) for name in names}
+    if rank == 0:
+        with open(os.path.join(workdir, f"{mode}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Checkpoints in megatron-core's distributed format (``dist_checkpointing``, torch_dist backend).
+
+Every rank writes its own shards; the metadata records global shapes and offsets, so a checkpoint
+written under one TP/PP/EP/DP layout loads under another (megatron-core reshards on load).
+
+Layout of a run's checkpoint folder::
+
+    checkpoints/
+      step_00000100/        one complete checkpoint (megatron dist-checkpoint + hymoe.json)
+      latest                text file: the folder name of the newest complete checkpoint
+
+A checkpoint is written to ``step_XXXXXXXX.tmp`` and renamed when every rank has finished, and
+``latest`` is replaced after that, so a crash mid-save never leaves a half checkpoint that
+``train.resume=auto`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _model_sharded_state_dict(chunks) -> dict:
+    if len(chunks) == 1:
+        return _unwrap(chunks[0]).sharded_state_dict()
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _load_model_state(chunks, state: dict) -> None:
+    if len(chunks) == 1:
+        _unwrap(chunks[0]).load_state_dict(state, strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            _unwrap(c).load_state_dict(state[f"model{i}"], strict=True)
+
+
+def save_model_weights(chunks, directory: str | os.PathLike) -> None:
+    """Model weights only (e.g. an initialisation shared by several layouts)."""
+    directory = str(directory)
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": _model_sharded_state_dict(chunks)}, directory)
+    dist.barrier()
+
+
+def load_model_weights(chunks, directory: str | os.PathLike) -> None:
+    directory = str(directory)
+    if not Path(directory, "metadata.json").exists():
+        raise CheckpointError(f"{directory}: not a megatron dist-checkpoint (no metadata.json)")
+    with torch.no_grad():
+        state = dist_checkpointing.load({"model": _model_sharded_state_dict(chunks)}, directory)
+    _load_model_state(chunks, state["model"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root`` per the ``latest`` marker, or None."""
+    marker = Path(root, "latest")
+    if not marker.exists():
+        return None
+    path = Path(root, marker.read_text().strip())
+    if not Path(path, "hymoe.json").exists():
+        raise CheckpointError(
+            f"{marker} points at {path.name}, which is not a complete checkpoint; "
+            f"remove the marker to start fresh or point it at an earlier step_* folder"
+        )
+    return path
+
+
+def save(root, step: int, chunks, optimizer, scheduler, extra: dict) -> Path:
+    """Save model, optimizer, scheduler and ``extra`` (JSON: step, tokens, data state, config)."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd = _model_sharded_state_dict(chunks)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        )
+    dist_checkpointing.save(state, str(tmp))
+    # Per-rank state that is not a tensor shard: RNG streams.
+    torch.save(
+        {"torch_rng": torch.get_rng_state()}, tmp / f"rng_rank{rank:05d}.pt"
+    )
+    dist.barrier()
+    if rank == 0:
+        meta = dict(extra, step=step, format_version=FORMAT_VERSION, world_size=dist.get_world_size())
+        if scheduler is not None:
+            meta["scheduler"] = scheduler.state_dict()
+        (tmp / "hymoe.json").write_text(json.dumps(meta, indent=1, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = root / "latest.tmp"
+        marker_tmp.write_text(final.name)
+        os.replace(marker_tmp, root / "latest")
+    dist.barrier()
+    return final
+
+
+def load(path, chunks, optimizer, scheduler) -> dict:
+    """Load everything saved by :func:`save` into the given (already built) objects; return meta."""
+    path = Path(path)
+    meta_file = path / "hymoe.json"
+    if not meta_file.exists():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no hymoe.json)")
+    meta = json.loads(meta_file.read_text())
+    model_sd = _model_sharded_state_dict(chunks)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        # The optimizer's state tensors exist only after a first step; create them (zero) so the
+        # sharded state dict has tensors to load into.
+        optimizer.init_state_fn(optimizer.optimizer) if hasattr(optimizer, "init_state_fn") else None
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        )
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(state, str(path))
+    _load_model_state(chunks, loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in meta:
+        scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
+    if rng_file.exists() and meta.get("world_size") == dist.get_world_size():
+        torch.set_rng_state(torch.load(rng_file)["torch_rng"])
+    return meta

@@ -1,0 +1,63 @@
+"""Build this rank's model chunks: the hybrid model for its pipeline stage, wrapped in megatron-core's
+DistributedDataParallel (gradient buckets, DP all-reduce or reduce-scatter for the distributed
+optimizer), with megatron-core's gradient finalisation (TP/SP norm grads, embedding ties, MoE
+expert-bias updates) wired in."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+
+from hymoe.model.build import build_model, build_transformer_config
+from hymoe.model.config import ModelConfig
+from hymoe.parallel.layout import ParallelConfig
+from hymoe.parallel.setup import device
+
+
+def build_model_chunks(
+    model_cfg: ModelConfig,
+    layout: ParallelConfig,
+    vocab_size: int,
+    dtype: torch.dtype = torch.float32,
+    transform=None,
+):
+    """Returns ([DDP-wrapped model], TransformerConfig). ``transform(model, config)`` runs before
+    wrapping (the precision layer swaps linear layers there)."""
+    config = build_transformer_config(
+        model_cfg,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.use_sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        moe_token_dispatcher_type=layout.moe_dispatcher,
+        calculate_per_token_loss=True,
+    )
+    model = build_model(
+        model_cfg,
+        config,
+        vocab_size=vocab_size,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if transform is not None:
+        transform(model, config)
+    model.to(device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=layout.distributed_optimizer,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+    )
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    ddp.broadcast_params()
+    config.finalize_model_grads_func = finalize_model_grads
+    return [ddp], config

@@ -1,0 +1,96 @@
+"""One optimizer step through megatron-core's forward-backward schedule.
+
+The loss is a per-token mean over the whole global batch (``calculate_per_token_loss``): each
+microbatch returns its summed loss and token count, megatron-core divides gradients by the token
+total across microbatches and data-parallel ranks. So the step is the same math for any
+microbatch count, DP size or pipeline split — which is what the layout equality tests check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean LM loss over the global batch
+    tokens: int  # loss tokens in the global batch
+    grad_norm: float  # before clipping
+    skipped: bool  # the optimizer refused the update (non-finite grads)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """output_tensor: per-token loss [b, s] from the model; loss_mask float [b, s]."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm_loss": report}
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    """megatron-core forward_step_func: every stage reads the same batch stream (the first stage
+    needs tokens, the last needs labels and the mask)."""
+    batch = next(data_iterator)
+    dev = next(model.parameters()).device
+    tokens = batch["tokens"].to(dev, non_blocking=True)
+    labels = batch["labels"].to(dev, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
+    output = model(tokens, None, None, labels=labels)
+    return output, partial(_loss_func, loss_mask)
+
+
+def _reduce_loss(losses: list[dict]) -> tuple[float, int]:
+    """Sum (loss, tokens) over microbatches and DP ranks; share the result from the last stage."""
+    report = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        report = torch.stack([m["lm_loss"].double().cpu() for m in losses]).sum(0)
+    if torch.cuda.is_available():
+        report = report.cuda()
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(report, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) > 1:
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(report, src=last, group=pp_group)
+    loss_sum, tokens = report.tolist()
+    return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def train_step(
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    data_iterator: Iterator[dict],
+    num_microbatches: int,
+    seq_len: int,
+    micro_batch: int,
+) -> StepResult:
+    """Zero grads, run ``num_microbatches`` forward/backward passes, clip, step, advance the LR."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_len,
+        micro_batch_size=micro_batch,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    if ok and scheduler is not None:
+        scheduler.step(increment=1)
+    loss, tokens = _reduce_loss(losses)
+    return StepResult(
+        loss=loss, tokens=tokens, grad_norm=float(grad_norm or 0.0), skipped=not ok
+    )
