@@ -35,7 +35,9 @@ class LayerPattern:
 
 
 def _point_at(text: str, pos: int) -> str:
-    return f"\n  {text}\n  {' ' * pos}^"
+    """The pattern with the offending position bracketed, on the same line: ' in "M[X]E"'."""
+    return f' in "{text[:pos]}[{text[pos:pos + 1]}]{text[pos + 1:]}"'
+
 
 
 def parse(text: str, field: str = "model.pattern") -> LayerPattern:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import sys
 import types
 
@@ -200,6 +201,11 @@ def _patch_rng_tracker():
     region, restored after the region) are the same.
     """
     random = importlib.import_module("megatron.core.tensor_parallel.random")
+    # The tracker warns when the CPU generator moves inside a forked region; on CPU the forked
+    # generator *is* the CPU generator, so it always moves. The warning means nothing here.
+    logging.getLogger(random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
     random._get_cuda_rng_state = lambda device=-1, clone=False, graph_safe=False: (
         torch.get_rng_state()
     )

@@ -62,6 +62,9 @@ class ParallelConfig:
                 fail(field, f"must be a positive integer, got {v!r}")
         if self.moe_dispatcher not in ("alltoall", "allgather"):
             fail("moe_dispatcher", f"must be alltoall or allgather, got {self.moe_dispatcher!r}")
+        if dims is not None:
+            # Model rules first: "tp=3 does not divide the heads" says more than a world-size clash.
+            self._validate_model(dims, fail)
         if self.cp > 1:
             fail("cp", "context parallelism is not available yet in hymoe; set parallel.cp=1")
         mp = self.tp * self.pp * self.cp
@@ -78,8 +81,6 @@ class ParallelConfig:
             fail("ep", f"{self.ep} must divide tp·cp·dp = {self.tp * self.cp * dp}")
         if self.sequence_parallel and self.tp == 1:
             fail("sequence_parallel", "needs tp > 1")
-        if dims is not None:
-            self._validate_model(dims, fail)
         return dp
 
     def _validate_model(self, d: ModelDims, fail) -> None:

@@ -1,0 +1,35 @@
+# hymoe — the two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel.
+TORCH := torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install demo test lint gpu-check clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+# Prepare the embedded corpus, train the tiny hybrid MoE in BF16 and in emulated NVFP4,
+# and write the loss-curve comparison (runs/demo/).
+demo: install
+	$(BIN)/hymoe demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+
+# Every GPU check in one script (< 8 minutes); see docs/benchmarks.md.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache

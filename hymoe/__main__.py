@@ -1,0 +1,5 @@
+import sys
+
+from hymoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,258 @@
+"""The ``hymoe`` command: train, data, model, precision, demo. ``hymoe COMMAND --help`` explains each."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def _quiet():
+    # megatron-core warns at import about every optional GPU package it cannot find.
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def _fail(msg: str, code: int = 2):
+    print(f"hymoe: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# -- train -------------------------------------------------------------------------------------
+TRAIN_HELP = """Train a recipe. RECIPE is a file name in recipes/ (e.g. tiny, tiny_gpu); overrides are
+Hydra's KEY=VALUE (e.g. train.steps=20 parallel.tp=2 precision=nvfp4). -m/--multirun sweeps
+comma-separated values (optim.lr=1e-3,3e-3), one run after another. `hymoe train RECIPE --help`
+lists every key with its value in that recipe and what it does."""
+
+
+def _schema_help(recipe: str, overrides: list[str]) -> str:
+    """Every key of the composed recipe with its value and the comment from the schema."""
+    import dataclasses
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from hymoe.train.config import HymoeConfig
+    from hymoe.train.recipe import compose
+
+    cfg = compose(recipe, overrides)
+
+    def comments(cls) -> dict:
+        out, pending = {}, []
+        for line in inspect.getsource(cls).splitlines():
+            s = line.strip()
+            if s.startswith("#"):
+                pending.append(s.lstrip("# "))
+            elif ":" in s and not s.startswith(("def", "class", "@", '"')):
+                out[s.split(":")[0].strip()] = " ".join(pending)
+                pending = []
+            else:
+                pending = []
+        return out
+
+    lines = [f"hymoe train {recipe} [KEY=VALUE ...]   (groups: model parallel precision data optim logging checkpoint)", ""]
+    for section in dataclasses.fields(HymoeConfig):
+        sub = section.default_factory if section.default_factory is not dataclasses.MISSING else None
+        if sub is None or not dataclasses.is_dataclass(sub):
+            continue
+        docs = comments(sub)
+        lines.append(f"{section.name}:")
+        node = cfg[section.name]
+        for f in dataclasses.fields(sub):
+            value = OmegaConf.to_container(node, resolve=False).get(f.name)
+            doc = docs.get(f.name, "")
+            lines.append(f"  {section.name}.{f.name} = {value!r}" + (f"    # {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="hymoe train", description=TRAIN_HELP, add_help=False)
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("-h", "--help", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    _quiet()
+    from hymoe.train.config import ConfigError
+    from hymoe.train.recipe import expand_sweep, list_recipes, load_recipe, to_yaml
+
+    if args.recipe is None:
+        p.print_help()
+        print(f"\nrecipes: {', '.join(list_recipes())}")
+        return 0 if args.help else 2
+    try:
+        if args.help:
+            print(TRAIN_HELP + "\n")
+            print(_schema_help(args.recipe, overrides))
+            return 0
+        jobs = expand_sweep(overrides) if args.multirun else [overrides]
+        if args.multirun:
+            print(f"multirun: {len(jobs)} jobs")
+        for i, job in enumerate(jobs):
+            if args.multirun:
+                job = job + [f"run.dir=multirun/{args.recipe}/${{now:%Y-%m-%d_%H-%M-%S}}/{i}"]
+            cfg = load_recipe(args.recipe, job)
+            if args.print_config:
+                print(to_yaml(cfg))
+                continue
+            from hymoe.train.trainer import Trainer
+
+            Trainer(cfg).train()
+    except ConfigError as e:
+        _fail(str(e))
+    return 0
+
+
+# -- data --------------------------------------------------------------------------------------
+def cmd_data(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="hymoe data", description="Prepare and check tokenized data.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize text/jsonl files into webdataset shards + manifest.json",
+        description="Tokenize text files (one document each) or jsonl (a 'text' field per line) "
+        "into webdataset tar shards with a manifest of counts and sha256 checksums.",
+    )
+    prep.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="input files or globs")
+    prep.add_argument("--output", required=True, help="output folder")
+    tok = prep.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to use")
+    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this vocabulary size on the input")
+    prep.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard (default 1M)")
+    prep.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    ver = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
+    ver.add_argument("dir")
+    demo = sub.add_parser("demo", help="prepare the embedded demo corpus (Python stdlib source)")
+    demo.add_argument("--output", required=True)
+    demo.add_argument("--vocab", type=int, default=2048)
+    demo.add_argument("--max-bytes", type=int, default=3_000_000)
+    args = p.parse_args(argv)
+    from hymoe.data import DataError
+
+    try:
+        if args.cmd == "prepare":
+            from hymoe.data.prepare import prepare
+
+            m = prepare(args.input, args.output, tokenizer=args.tokenizer,
+                        train_tokenizer_vocab=args.train_tokenizer, shard_tokens=args.shard_tokens,
+                        workers=args.workers)
+            print(f"wrote {len(m['shards'])} shards, {m['totals']['tokens']:,} tokens → {args.output}")
+        elif args.cmd == "verify":
+            from hymoe.data import verify
+
+            problems = verify(args.dir)
+            for line in problems:
+                print(line)
+            if problems:
+                return 1
+            print(f"{args.dir}: all shards match the manifest")
+        else:
+            from hymoe.data import demo_corpus_files
+            from hymoe.data.prepare import prepare
+
+            files = demo_corpus_files(args.max_bytes)
+            m = prepare([str(f) for f in files], args.output, train_tokenizer_vocab=args.vocab,
+                        shard_tokens=250_000)
+            print(f"wrote {len(m['shards'])} shards, {m['totals']['tokens']:,} tokens → {args.output}")
+    except DataError as e:
+        _fail(str(e), 1)
+    return 0
+
+
+# -- model / precision -------------------------------------------------------------------------
+def cmd_model(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="hymoe model", description="Inspect a recipe's model.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="layer pattern and parameter counts")
+    info.add_argument("recipe")
+    info.add_argument("overrides", nargs="*")
+    info.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    _quiet()
+    from hymoe.train.config import ConfigError
+    from hymoe.train.inspect import model_info
+
+    try:
+        print(model_info(args.recipe, args.overrides, as_json=args.json))
+    except ConfigError as e:
+        _fail(str(e))
+    return 0
+
+
+def cmd_precision(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="hymoe precision", description="Inspect precision policies.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    show = sub.add_parser("show", help="every linear layer with its format and the rule that chose it")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    _quiet()
+    from hymoe.train.config import ConfigError
+    from hymoe.train.inspect import precision_table
+
+    try:
+        print(precision_table(args.recipe, args.overrides))
+    except ConfigError as e:
+        _fail(str(e))
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="hymoe demo",
+        description="Train the tiny hybrid MoE on the demo corpus in BF16 and in emulated NVFP4 and "
+        "write the loss-curve comparison to runs/demo/.",
+    )
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    args = p.parse_args(argv)
+    _quiet()
+    from hymoe.train.demo import run_demo
+
+    run_demo(args.out, args.steps)
+    return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="hymoe compare",
+        description="Compare the loss curves of runs (metrics.jsonl); write a plot and a summary.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories (the first is the baseline)")
+    p.add_argument("--out", default=None, help="folder for loss_curves.png and compare.json")
+    p.add_argument("--max-gap", type=float, default=None, metavar="PCT",
+                   help="exit 1 if the final loss gap to the baseline exceeds PCT percent")
+    args = p.parse_args(argv)
+    _quiet()
+    from hymoe.train.compare import compare_runs
+
+    summary = compare_runs(args.runs, args.out or args.runs[0])
+    for line in summary["lines"]:
+        print(line)
+    if args.max_gap is not None and summary["max_gap_pct"] > args.max_gap:
+        _fail(f"final loss gap {summary['max_gap_pct']:.2f}% exceeds --max-gap {args.max_gap}%", 1)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train, "data": cmd_data, "model": cmd_model, "precision": cmd_precision,
+    "demo": cmd_demo, "compare": cmd_compare,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: hymoe COMMAND ...\n\ncommands:")
+        for name, fn in COMMANDS.items():
+            print(f"  {name:10s} {(fn.__doc__ or '').strip()}")
+        print("\n`hymoe COMMAND --help` for each; docs/getting_started.md for a walk-through.")
+        return 0
+    if argv[0] not in COMMANDS:
+        _fail(f"unknown command {argv[0]!r}; one of {', '.join(COMMANDS)}")
+    return COMMANDS[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

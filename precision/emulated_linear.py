@@ -1,0 +1,153 @@
+"""Emulated quantized linear layer y = x·Wᵀ: NVFP4 or MXFP8 operands, FP32 GEMMs.
+
+Each of the three GEMMs of a linear layer quantizes its two operands from the high-precision
+tensors (never re-quantizes a quantized tensor), dequantizes them to FP32 and multiplies in FP32;
+outputs are cast to the activation (y, dx) or weight (dW) dtype. Which operand gets what follows the
+contract (/work/shared/nvfp4.md) and TE's `NVFP4BlockScaling` recipe:
+
+| GEMM  | operand A                                  | operand B                        |
+| fprop | x [T, K], 1D along K                       | W [N, K], 2D 16×16 tiles         |
+| dgrad | dy [T, N], 1D along N, stochastic rounding | W, the same 2D-quantized values  |
+| wgrad | dyᵀ [N, T], 1D along T, RHT, stochastic    | xᵀ [K, T], 1D along T, RHT       |
+
+With `disable_2d_quantization` W is 1D along K for fprop and Wᵀ 1D along N for dgrad (TE's rowwise
+and columnwise copies). MXFP8 quantizes every operand along its GEMM's contraction dim with TE's
+"rceil" shared-exponent rule, and has no stochastic rounding or RHT.
+
+On CUDA the FP32 GEMMs follow torch's TF32 setting (`torch.backends.cuda.matmul.allow_tf32`);
+keep it off for an exact emulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from . import mxfp8, nvfp4
+
+FORMATS = ("nvfp4", "mxfp8", "bf16", "fp32", "none")
+# Formats that run the GEMMs unquantized, in the operands' own dtype.
+HIGH_PRECISION = ("bf16", "fp32", "none")
+# TE's MXFP8 kernels round the shared exponent up (`float_to_e8m0(amax/448)`); see mxfp8.py.
+MXFP8_SCALING_MODE = "rceil"
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4Recipe:
+    """The switches of TE's `NVFP4BlockScaling` recipe (same names, same defaults: all on)."""
+
+    disable_rht: bool = False
+    disable_stochastic_rounding: bool = False
+    disable_2d_quantization: bool = False
+
+
+def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad dim 0 of a 2-D tensor to a multiple (zero tokens add nothing to dyᵀ·x)."""
+    extra = -t.shape[0] % multiple
+    return F.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+def _check_gradient_not_zeroed(src: torch.Tensor, deq: torch.Tensor, name: str) -> None:
+    # A non-zero gradient that quantizes to all zeros is a quantizer bug (one TE release did this
+    # with SR on one GPU family), not a result. _assert_async does not synchronise a CUDA stream.
+    ok = (src.abs().amax() == 0) | (deq.abs().amax() > 0)
+    torch._assert_async(ok, f"{name}: a non-zero gradient quantized to all zeros")
+
+
+class QuantizedMatmul(torch.autograd.Function):
+    """y = x·Wᵀ with emulated quantized GEMMs. x [T, K], W [N, K] -> y [T, N] in x's dtype.
+
+    Saves the quantized (packed) operands that backward needs, as TE does, not the inputs.
+    `generator` feeds the stochastic rounding of the gradients (dgrad draws, then wgrad draws).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, fmt: str, recipe: NVFP4Recipe, generator: torch.Generator | None):
+        if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"expected x [T, K] and weight [N, K], got {tuple(x.shape)}, {tuple(weight.shape)}"
+            )
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.fmt, ctx.recipe, ctx.generator = fmt, recipe, generator
+        ctx.x_dtype, ctx.w_dtype, ctx.tokens = x.dtype, weight.dtype, x.shape[0]
+        if fmt == "nvfp4":
+            rht = not recipe.disable_rht
+            wq = nvfp4.quantize(weight, two_d=not recipe.disable_2d_quantization)
+            x_hat = nvfp4.quantize(x).dequantize()
+            w_hat = wq.dequantize()
+            # RHT needs whole 16-groups along T; the padded zero tokens stay in both wgrad operands.
+            ctx.xt_q = nvfp4.quantize(_pad_rows(x, 16).t(), rht=rht) if need_wgrad else None
+            if need_dgrad and recipe.disable_2d_quantization:
+                ctx.w_dgrad_q = nvfp4.quantize(weight.t())  # Wᵀ [K, N], 1D along N
+            else:
+                ctx.w_dgrad_q = wq if need_dgrad else None  # 2D tiles: Wᵀ has the same values
+        elif fmt == "mxfp8":
+            x_hat = mxfp8.quantize(x, scaling_mode=MXFP8_SCALING_MODE).dequantize()
+            w_hat = mxfp8.quantize(weight, scaling_mode=MXFP8_SCALING_MODE).dequantize()
+            ctx.xt_q = (
+                mxfp8.quantize(x.t(), scaling_mode=MXFP8_SCALING_MODE) if need_wgrad else None
+            )
+            ctx.w_dgrad_q = (
+                mxfp8.quantize(weight.t(), scaling_mode=MXFP8_SCALING_MODE) if need_dgrad else None
+            )
+        else:
+            raise ValueError(f"QuantizedMatmul handles 'nvfp4' and 'mxfp8', got {fmt!r}")
+        return F.linear(x_hat, w_hat).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dw = None
+        if ctx.fmt == "nvfp4":
+            sr = not ctx.recipe.disable_stochastic_rounding
+            if ctx.w_dgrad_q is not None:
+                dy_hat = nvfp4.quantize(dy, stochastic=sr, generator=ctx.generator).dequantize()
+                _check_gradient_not_zeroed(dy, dy_hat, "dgrad dy")
+                w = ctx.w_dgrad_q.dequantize()
+                # 2D tiles: the saved W [N, K] itself; 1D: the columnwise copy Wᵀ [K, N].
+                w_nk = w.t() if ctx.recipe.disable_2d_quantization else w
+                dx = (dy_hat @ w_nk).to(ctx.x_dtype)
+            if ctx.xt_q is not None:
+                dyt = _pad_rows(dy, 16).t()  # [N, Tp]
+                dyt_hat = nvfp4.quantize(
+                    dyt, rht=not ctx.recipe.disable_rht, stochastic=sr, generator=ctx.generator
+                ).dequantize()
+                _check_gradient_not_zeroed(dy, dyt_hat, "wgrad dy")
+                dw = (dyt_hat @ ctx.xt_q.dequantize().t()).to(ctx.w_dtype)
+        else:
+            if ctx.w_dgrad_q is not None:
+                dy_hat = mxfp8.quantize(dy, scaling_mode=MXFP8_SCALING_MODE).dequantize()
+                dx = (dy_hat @ ctx.w_dgrad_q.dequantize().t()).to(ctx.x_dtype)
+            if ctx.xt_q is not None:
+                dyt_hat = mxfp8.quantize(dy.t(), scaling_mode=MXFP8_SCALING_MODE).dequantize()
+                dw = (dyt_hat @ ctx.xt_q.dequantize().t()).to(ctx.w_dtype)
+        ctx.xt_q = ctx.w_dgrad_q = None
+        return dx, dw, None, None, None
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    fmt: str = "nvfp4",
+    recipe: NVFP4Recipe | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) with the GEMMs emulated in `fmt`.
+
+    x [..., K] (leading dims are tokens), weight [N, K], bias [N] or None -> y [..., N], x's dtype.
+    fmt: "nvfp4", "mxfp8", or "bf16"/"fp32"/"none" (no quantization: exactly `F.linear`, in the
+    operands' own dtype). recipe: NVFP4 switches (default: all techniques on). generator: the stochastic
+    rounding stream (see `rng.StochasticRoundingRNG`); None draws from torch's default generator.
+    The bias is added in high precision after the GEMM, as TE does.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt in HIGH_PRECISION:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = QuantizedMatmul.apply(x2, weight, fmt, recipe or NVFP4Recipe(), generator)
+    y = y.view(*x.shape[:-1], weight.shape[0])
+    return y + bias if bias is not None else y

@@ -1,0 +1,173 @@
+"""Emulated quantized linear: the contract's operand table wired into fprop, dgrad and wgrad."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hymoe.precision import nvfp4
+from hymoe.precision.emulated_linear import NVFP4Recipe, quantized_linear
+from hymoe.precision.rng import StochasticRoundingRNG
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    # On the shared 2-core CI machines a second OpenMP thread waits on a descheduled peer and small
+    # ops take 10-100x longer; these tests are about numerics, so they run single-threaded.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+NO_SR_RHT = NVFP4Recipe(disable_rht=True, disable_stochastic_rounding=True)
+
+
+def _data(t=96, k=64, n=48, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).requires_grad_()
+    dy = torch.randn(t, n, generator=g).to(dtype)
+    return x, w, dy
+
+
+def _grads(y, x, w, dy):
+    return torch.autograd.grad(y, (x, w), dy)
+
+
+def _deq(t, **kw):
+    return nvfp4.quantize(t, **kw).dequantize()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp32", "none"])
+def test_unquantized_formats_are_f_linear(fmt):
+    x, w, dy = _data()
+    b = torch.randn(w.shape[0])
+    y = quantized_linear(x, w, fmt, bias=b)
+    ref = F.linear(x, w, b)
+    assert torch.equal(y, ref)
+    for a, r in zip(_grads(y, x, w, dy), _grads(ref, x, w, dy)):
+        assert torch.equal(a, r)
+
+
+def test_forward_is_linear_of_dequantized_operands():
+    x, w, _ = _data()
+    y = quantized_linear(x, w, "nvfp4", NO_SR_RHT)
+    assert torch.equal(y, F.linear(_deq(x), _deq(w, two_d=True)))
+    # With 2D disabled the weight is 1D along K, like x.
+    y1 = quantized_linear(x, w, "nvfp4", NVFP4Recipe(True, True, True))
+    assert torch.equal(y1, F.linear(_deq(x), _deq(w)))
+
+
+def test_backward_operands_follow_the_contract_table():
+    x, w, dy = _data()
+    dx, dw = _grads(quantized_linear(x, w, "nvfp4", NO_SR_RHT), x, w, dy)
+    # dgrad: dy 1D along N times the same 2D-quantized W; wgrad: dyᵀ and xᵀ 1D along tokens.
+    assert torch.equal(dx, _deq(dy) @ _deq(w.detach(), two_d=True))
+    assert torch.equal(dw, _deq(dy.t()) @ _deq(x.detach().t()).t())
+    # 2D disabled: dgrad uses the columnwise copy Wᵀ, 1D along N.
+    dx1, _ = _grads(quantized_linear(x, w, "nvfp4", NVFP4Recipe(True, True, True)), x, w, dy)
+    assert torch.equal(dx1, _deq(dy) @ _deq(w.detach().t()).t())
+    # RHT on (SR off): both wgrad operands are transformed along tokens; dgrad is unchanged.
+    rht = NVFP4Recipe(disable_stochastic_rounding=True)
+    dx2, dw2 = _grads(quantized_linear(x, w, "nvfp4", rht), x, w, dy)
+    assert torch.equal(dx2, dx)
+    want = _deq(dy.t(), rht=True) @ _deq(x.detach().t(), rht=True).t()
+    assert torch.equal(dw2, want)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("recipe", [NVFP4Recipe(), NO_SR_RHT], ids=["default", "rtn"])
+def test_gradients_shapes_finite_close(recipe):
+    # 3-D input, 2·13 = 26 tokens (not a multiple of 16), K and N not multiples of 16.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 13, 40, generator=g, requires_grad=True)
+    w = (torch.randn(24, 40, generator=g) / 40**0.5).requires_grad_()
+    dy = torch.randn(2, 13, 24, generator=g)
+    y = quantized_linear(x, w, "nvfp4", recipe, torch.Generator().manual_seed(2))
+    ref = F.linear(x, w)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    dx, dw = _grads(y, x, w, dy)
+    rx, rw = _grads(ref, x, w, dy)
+    assert dx.shape == x.shape and dw.shape == w.shape
+    for a, r in ((y, ref), (dx, rx), (dw, rw)):
+        assert torch.isfinite(a).all() and a.abs().amax() > 0
+        # FP4 (8 magnitudes) gives ~10-15% relative error per GEMM on Gaussian data; SR adds noise.
+        assert _rel(a, r) < 0.25
+
+
+def test_bf16_activations_keep_their_dtype():
+    x, w, dy = _data(t=32, k=32, n=16, dtype=torch.bfloat16)
+    y = quantized_linear(x, w, "nvfp4", NVFP4Recipe(), torch.Generator().manual_seed(0))
+    dx, dw = _grads(y, x, w, dy)
+    assert y.dtype == dx.dtype == dw.dtype == torch.bfloat16
+    assert _rel(y, F.linear(x.float(), w.float())) < 0.25
+
+
+def test_same_generator_seed_same_gradients_and_zero_grad_is_zero():
+    x, w, dy = _data()
+    runs = [
+        _grads(
+            quantized_linear(x, w, "nvfp4", NVFP4Recipe(), torch.Generator().manual_seed(s)),
+            x,
+            w,
+            dy,
+        )
+        for s in (3, 3, 4)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], runs[2][0]) and not torch.equal(runs[0][1], runs[2][1])
+    # An all-zero upstream gradient is legitimately zero (not NaN, not the all-zero-bug check).
+    dx, dw = _grads(quantized_linear(x, w, "nvfp4"), x, w, torch.zeros_like(dy))
+    assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_stochastic_rounding_backward_is_unbiased():
+    x, w, dy = _data(t=64, k=64, n=64, seed=5)
+    # Expectation over SR of the dgrad is dy (unquantized) times the quantized W; of the wgrad,
+    # dyᵀ·x̂ in the RHT domain, i.e. rht(dyᵀ)·rht(x̂ᵀ)ᵀ with dy unquantized.
+    exact_dx = dy @ _deq(w.detach(), two_d=True)
+    exact_dw = nvfp4.rht_transform(dy.t()) @ _deq(x.detach().t(), rht=True).t()
+    rtn_dx, rtn_dw = _grads(
+        quantized_linear(x, w, "nvfp4", NVFP4Recipe(disable_stochastic_rounding=True)), x, w, dy
+    )
+    n = 128
+    gen = torch.Generator().manual_seed(6)
+    sum_dx, sum_dw = torch.zeros_like(exact_dx), torch.zeros_like(exact_dw)
+    for _ in range(n):
+        dx, dw = _grads(quantized_linear(x, w, "nvfp4", NVFP4Recipe(), gen), x, w, dy)
+        sum_dx += dx
+        sum_dw += dw
+    # RTN is biased by ~10%; the SR mean over 128 draws must be several times closer (noise of one
+    # draw ~15%, /sqrt(128) ~ 1.3%).
+    for sr_mean, rtn, exact in ((sum_dx / n, rtn_dx, exact_dx), (sum_dw / n, rtn_dw, exact_dw)):
+        assert _rel(sr_mean, exact) < 0.03 and _rel(rtn, exact) > 0.05
+
+
+def test_rejects_unknown_format():
+    x, w, _ = _data()
+    with pytest.raises(ValueError, match="fmt"):
+        quantized_linear(x, w, "fp8")
+
+
+def test_gradient_quantized_to_all_zeros_is_detected(monkeypatch):
+    # The SR bug of one TE release: non-zero gradients whose codes all came out zero.
+    x, w, dy = _data()
+    y = quantized_linear(x, w, "nvfp4")
+    monkeypatch.setattr(
+        nvfp4, "cast_to_e2m1", lambda q, **kw: torch.zeros_like(q, dtype=torch.uint8)
+    )
+    with pytest.raises(RuntimeError, match="all zeros"):
+        _grads(y, x, w, dy)
+
+
+def test_resumed_rng_repeats_gradients():
+    x, w, dy = _data()
+    rng = StochasticRoundingRNG(seed=11, rank=3)
+    state = rng.state_dict()
+    first = _grads(quantized_linear(x, w, "nvfp4", NVFP4Recipe(), rng.generator), x, w, dy)
+    resumed = StochasticRoundingRNG(seed=11, rank=3)
+    resumed.load_state_dict(state)
+    again = _grads(quantized_linear(x, w, "nvfp4", NVFP4Recipe(), resumed.generator), x, w, dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

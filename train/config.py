@@ -1,0 +1,128 @@
+"""The recipe schema: one typed dataclass per component, composed by Hydra from ``recipes/``.
+
+Composition (``load_recipe``) merges the recipe into this schema, so an unknown key or a wrong
+type fails before anything starts; ``validate`` then checks the values against each other
+(layout against the model, batch sizes against the layout, …). Every error names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hymoe.data.config import DataConfig
+from hymoe.model.config import ModelConfig
+from hymoe.parallel.layout import ModelDims, ParallelConfig
+from hymoe.precision.config import PrecisionConfig
+from hymoe.train.optim import OptimConfig
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message starts with the dotted field name."""
+
+
+@dataclass
+class RunConfig:
+    # Run name (defaults to the recipe's name).
+    name: str = "run"
+    # Where metrics.jsonl, config.yaml, checkpoints and plots go.
+    dir: str = "runs/${run.name}/${now:%Y-%m-%d_%H-%M-%S}"
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps to train for (total, counting steps before a resume).
+    steps: int = 100
+    seed: int = 1234
+    # Sequences per optimizer step, over all data-parallel ranks.
+    global_batch: int = 8
+    # Sequences per forward/backward pass on one rank.
+    micro_batch: int = 2
+    seq_len: int = 128
+    # auto: continue from the newest checkpoint if there is one; required: fail without one;
+    # never: start fresh (fails if the checkpoint folder already holds checkpoints).
+    resume: str = "auto"
+    # Print a console line every this many steps (metrics.jsonl gets every step).
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    # Default: <run.dir>/checkpoints.
+    dir: str = "${run.dir}/checkpoints"
+    # Save every N steps (0: only at the end).
+    interval: int = 0
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    # wandb mode: offline (default; no network), online, or disabled.
+    wandb: str = "offline"
+    wandb_project: str = "hymoe"
+    # Rich progress bar on the console.
+    progress: bool = True
+
+
+@dataclass
+class HymoeConfig:
+    recipe: str = "???"
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def model_dims(model: ModelConfig) -> ModelDims:
+    from hymoe.model.pattern import ATTENTION, MAMBA, MOE, parse
+
+    p = parse(model.pattern)
+    return ModelDims(
+        num_layers=p.num_layers,
+        stages=tuple(len(s) for s in p.stages) if len(p.stages) > 1 else (),
+        attention_heads=model.num_attention_heads if p.count(ATTENTION) else 0,
+        query_groups=model.num_query_groups if p.count(ATTENTION) else 0,
+        mamba_heads=model.mamba_num_heads if p.count(MAMBA) else 0,
+        mamba_groups=model.mamba_num_groups if p.count(MAMBA) else 0,
+        num_experts=model.num_experts if p.count(MOE) else 0,
+    )
+
+
+def validate(cfg: HymoeConfig, world_size: int) -> int:
+    """Check everything that can be checked before building anything; return the DP size."""
+    try:
+        cfg.model.validate()
+        cfg.precision.validate()
+        dp = cfg.parallel.validate(world_size, model_dims(cfg.model))
+        cfg.optim.validate(cfg.train.steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t = cfg.train
+
+    def fail(field_, msg):
+        raise ConfigError(f"train.{field_}: {msg}")
+
+    for name in ("steps", "global_batch", "micro_batch", "seq_len", "log_interval"):
+        if getattr(t, name) < 1:
+            fail(name, f"must be ≥ 1, got {getattr(t, name)}")
+    if t.global_batch % (t.micro_batch * dp):
+        fail(
+            "global_batch",
+            f"{t.global_batch} is not a multiple of micro_batch·dp = {t.micro_batch}·{dp}",
+        )
+    if t.resume not in ("auto", "required", "never"):
+        fail("resume", f"must be auto, required or never, got {t.resume!r}")
+    if t.seq_len > cfg.model.max_sequence_length:
+        fail("seq_len", f"{t.seq_len} exceeds model.max_sequence_length={cfg.model.max_sequence_length}")
+    if cfg.logging.wandb not in ("offline", "online", "disabled"):
+        raise ConfigError(
+            f"logging.wandb: must be offline, online or disabled, got {cfg.logging.wandb!r}"
+        )
+    if cfg.checkpoint.interval < 0:
+        raise ConfigError(f"checkpoint.interval: must be ≥ 0, got {cfg.checkpoint.interval}")
+    return dp

@@ -1,0 +1,221 @@
+"""The trainer: set up from a validated recipe, then a short loop; the work is in ``train_step``
+(``hymoe.train.step``) and the callbacks (``hymoe.train.callbacks``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hymoe.train import checkpoint as ckpt
+from hymoe.train.callbacks import Checkpointer, ConsoleProgress, MetricsFile, NaNGuard, Wandb
+from hymoe.train.config import ConfigError, HymoeConfig, validate
+from hymoe.train.recipe import to_yaml
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Megatron's rule: pad the vocabulary to a multiple of 128·tp so the output layer shards evenly."""
+    m = multiple * tp
+    return int(math.ceil(vocab / m) * m)
+
+
+def ensure_data(cfg: HymoeConfig, console) -> Path:
+    """The prepared data folder; for demo recipes, prepared here on first use (rank 0)."""
+    path = Path(cfg.data.path)
+    if (path / "manifest.json").exists():
+        return path
+    if not cfg.data.prepare_demo_if_missing:
+        raise ConfigError(
+            f"data.path: {path} has no manifest.json; run `hymoe data prepare --input ... "
+            f"--output {path}` first or point data.path at a prepared folder"
+        )
+    if dist.get_rank() == 0:
+        from hymoe.data import demo_corpus_files
+        from hymoe.data.prepare import prepare
+
+        files = demo_corpus_files(cfg.data.demo_max_bytes)
+        console.print(f"preparing the demo corpus: {len(files)} stdlib files → {path}")
+        prepare(
+            [str(f) for f in files], path, train_tokenizer_vocab=cfg.data.demo_vocab_size,
+            shard_tokens=250_000, workers=1, progress=cfg.logging.progress,
+        )
+    dist.barrier()
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: HymoeConfig):
+        from rich.console import Console
+
+        from hymoe.parallel.setup import init_distributed
+
+        self.cfg = cfg
+        self.console = Console(highlight=False)
+        rank, world = init_distributed()
+        self.is_logger = rank == 0
+        self.dp_size = validate(cfg, world)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir)
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self.console.rule(f"hymoe · {cfg.recipe}")
+            self.console.print(to_yaml(cfg), markup=False)
+        self.step = 0
+        self.tokens = 0
+        self._setup()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _setup(self):
+        from megatron.core import parallel_state
+
+        from hymoe.data import load_manifest
+        from hymoe.data.loader import PackedStream
+        from hymoe.parallel.setup import initialize_model_parallel
+        from hymoe.precision.apply import apply_precision
+        from hymoe.train.model_setup import build_model_chunks
+        from hymoe.train.optim import build_optimizer, build_scheduler
+
+        cfg = self.cfg
+        data_path = ensure_data(cfg, self.console)
+        manifest = load_manifest(data_path)
+        vocab = cfg.model.vocab_size or manifest["tokenizer"]["vocab_size"]
+        if vocab < manifest["tokenizer"]["vocab_size"]:
+            raise ConfigError(
+                f"model.vocab_size: {vocab} is smaller than the data's tokenizer "
+                f"({manifest['tokenizer']['vocab_size']}); set it to null to take the tokenizer's"
+            )
+        self.vocab_size = padded_vocab(vocab, cfg.parallel.tp)
+
+        initialize_model_parallel(cfg.parallel, cfg.train.seed)
+        self.dtype = compute_dtype(cfg.precision.compute_dtype)
+        self.precision_report = []
+        self.chunks, self.tconfig = build_model_chunks(
+            cfg.model, cfg.parallel, self.vocab_size, self.dtype,
+            transform=lambda m, c: self.precision_report.extend(
+                apply_precision(m, cfg.precision, self.dtype, seed=cfg.train.seed)
+            ),
+        )
+        self.optimizer = build_optimizer(
+            cfg.optim, self.chunks, distributed=cfg.parallel.distributed_optimizer,
+            bf16=self.dtype == torch.bfloat16,
+        )
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.steps)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.micro_per_step = cfg.train.global_batch // (cfg.train.micro_batch * self.dp_size)
+        self.data = PackedStream(
+            data_path, cfg.train.seq_len, cfg.train.micro_batch, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, seed=cfg.train.seed,
+        )
+        if self.is_logger:
+            n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
+            self.console.print(
+                f"model: {cfg.model.pattern} · {n_params/1e6:.2f}M parameters on this rank · "
+                f"vocab {self.vocab_size} · dtype {str(self.dtype).replace('torch.', '')}"
+                + (" (fp32 compute on CPU)" if self.dtype == torch.float32 and not torch.cuda.is_available() else "")
+                + f" · dp={self.dp_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep}"
+            )
+            self.console.print(
+                f"precision: {cfg.precision.recipe} · "
+                + ", ".join(f"{fmt}: {n}" for fmt, n in _count_formats(self.precision_report).items())
+            )
+        self._resume()
+        self.callbacks = [
+            MetricsFile(self.run_dir),
+            ConsoleProgress(cfg.train.log_interval, cfg.logging.progress),
+            Wandb(cfg.logging.wandb, cfg.logging.wandb_project, self.run_dir, cfg.run.name,
+                  {"recipe": cfg.recipe}),
+            NaNGuard(),
+            Checkpointer(cfg.checkpoint.interval, cfg.checkpoint.save_final),
+        ]
+
+    def _resume(self):
+        mode = self.cfg.train.resume
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None:
+            if mode == "required":
+                raise ConfigError(
+                    f"train.resume: required, but {self.ckpt_dir} holds no complete checkpoint"
+                )
+            return
+        if mode == "never":
+            raise ConfigError(
+                f"train.resume: never, but {self.ckpt_dir} already holds checkpoints "
+                f"(newest {latest.name}); use train.resume=auto or another run.dir"
+            )
+        meta = ckpt.load(latest, self.chunks, self.optimizer, self.scheduler)
+        if meta.get("pattern") != self.cfg.model.pattern:
+            raise ckpt.CheckpointError(
+                f"{latest}: saved for model.pattern={meta.get('pattern')!r}, "
+                f"this run has {self.cfg.model.pattern!r}"
+            )
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        states = meta.get("data_state", {})
+        if str(self.dp_rank) in states and meta.get("dp_size") == self.dp_size:
+            self.data.load_state_dict(states[str(self.dp_rank)])
+        elif self.is_logger:
+            self.console.print(
+                f"[yellow]data order restarts: checkpoint dp={meta.get('dp_size')}, now dp={self.dp_size}"
+            )
+        if self.is_logger:
+            self.console.print(f"resumed from {latest} at step {self.step} ({self.tokens:,} tokens)")
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def save_checkpoint(self):
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, (self.dp_rank, self.data.state_dict()))
+        data_state = {str(r): s for r, s in states}
+        path = ckpt.save(
+            self.ckpt_dir, self.step, self.chunks, self.optimizer, self.scheduler,
+            {"tokens": self.tokens, "pattern": self.cfg.model.pattern, "dp_size": self.dp_size,
+             "data_state": data_state, "recipe": self.cfg.recipe},
+        )
+        if self.is_logger:
+            self.console.print(f"saved checkpoint {path}")
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        from hymoe.train.step import train_step
+
+        cfg, history = self.cfg, []
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                r = train_step(
+                    self.chunks, self.optimizer, self.scheduler, self.data, self.micro_per_step,
+                    cfg.train.seq_len, cfg.train.micro_batch,
+                )
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.tokens += cfg.train.global_batch * cfg.train.seq_len
+                m = {
+                    "step": self.step, "loss": r.loss, "lr": self.optimizer.param_groups[0]["lr"],
+                    "tokens": self.tokens, "grad_norm": r.grad_norm, "skipped": r.skipped,
+                    "step_time_s": dt, "tokens_per_s": cfg.train.global_batch * cfg.train.seq_len / dt,
+                }
+                history.append(m)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, m)
+        finally:
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        return history
+
+
+def _count_formats(report: list[tuple[str, str, str]]) -> dict:
+    counts: dict = {}
+    for _, fmt, _ in report:
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
