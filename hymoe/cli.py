@@ -67,6 +67,7 @@ def _schema_help(recipe: str, overrides: list[str]) -> str:
 
 
 def cmd_train(argv: list[str]) -> int:
+    """train a recipe (Hydra overrides, -m multirun)"""
     p = argparse.ArgumentParser(prog="hymoe train", description=TRAIN_HELP, add_help=False)
     p.add_argument("recipe", nargs="?")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated overrides")
@@ -94,6 +95,9 @@ def cmd_train(argv: list[str]) -> int:
                 job = job + [f"run.dir=multirun/{args.recipe}/${{now:%Y-%m-%d_%H-%M-%S}}/{i}"]
             cfg = load_recipe(args.recipe, job)
             if args.print_config:
+                from hymoe.train.config import validate
+
+                validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
                 print(to_yaml(cfg))
                 continue
             from hymoe.train.trainer import Trainer
@@ -106,6 +110,7 @@ def cmd_train(argv: list[str]) -> int:
 
 # -- data --------------------------------------------------------------------------------------
 def cmd_data(argv: list[str]) -> int:
+    """prepare / verify tokenized shards"""
     p = argparse.ArgumentParser(prog="hymoe data", description="Prepare and check tokenized data.")
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser(
@@ -162,6 +167,7 @@ def cmd_data(argv: list[str]) -> int:
 
 # -- model / precision -------------------------------------------------------------------------
 def cmd_model(argv: list[str]) -> int:
+    """model info: layer pattern and parameter counts"""
     p = argparse.ArgumentParser(prog="hymoe model", description="Inspect a recipe's model.")
     sub = p.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="layer pattern and parameter counts")
@@ -181,6 +187,7 @@ def cmd_model(argv: list[str]) -> int:
 
 
 def cmd_precision(argv: list[str]) -> int:
+    """precision show: each linear layer's format and the rule that chose it"""
     p = argparse.ArgumentParser(prog="hymoe precision", description="Inspect precision policies.")
     sub = p.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="every linear layer with its format and the rule that chose it")
@@ -199,6 +206,7 @@ def cmd_precision(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
+    """the tiny model in BF16 and NVFP4 with a loss-curve comparison"""
     p = argparse.ArgumentParser(
         prog="hymoe demo",
         description="Train the tiny hybrid MoE on the demo corpus in BF16 and in emulated NVFP4 and "
@@ -215,6 +223,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_compare(argv: list[str]) -> int:
+    """compare loss curves of runs (plot + gap)"""
     p = argparse.ArgumentParser(
         prog="hymoe compare",
         description="Compare the loss curves of runs (metrics.jsonl); write a plot and a summary.",

@@ -44,6 +44,9 @@ class TrainConfig:
     resume: str = "auto"
     # Print a console line every this many steps (metrics.jsonl gets every step).
     log_interval: int = 1
+    # Stop (after saving a checkpoint) once this step is done, keeping the schedule of
+    # train.steps — for time-limited jobs that resume later (megatron's --exit-interval).
+    exit_at_step: Optional[int] = None
 
 
 @dataclass
@@ -115,6 +118,8 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
             "global_batch",
             f"{t.global_batch} is not a multiple of micro_batch·dp = {t.micro_batch}·{dp}",
         )
+    if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.steps:
+        fail("exit_at_step", f"must be in 1..train.steps={t.steps}, got {t.exit_at_step}")
     if t.resume not in ("auto", "required", "never"):
         fail("resume", f"must be auto, required or never, got {t.resume!r}")
     if t.seq_len > cfg.model.max_sequence_length:

@@ -60,7 +60,7 @@ class Trainer:
         from hymoe.parallel.setup import init_distributed
 
         self.cfg = cfg
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         rank, world = init_distributed()
         self.is_logger = rank == 0
         self.dp_size = validate(cfg, world)
@@ -191,7 +191,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         try:
-            while self.step < cfg.train.steps:
+            stop = cfg.train.exit_at_step or cfg.train.steps
+            while self.step < stop:
                 t0 = time.perf_counter()
                 r = train_step(
                     self.chunks, self.optimizer, self.scheduler, self.data, self.micro_per_step,

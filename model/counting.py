@@ -1,0 +1,66 @@
+"""Parameter counts and linear-layer names from the config alone (no model is built), so that
+``hymoe model info`` and ``hymoe precision show`` answer instantly for a 550B recipe too.
+Tests check both against the built megatron-core model."""
+
+from __future__ import annotations
+
+from hymoe.model.config import ModelConfig
+from hymoe.model.pattern import ATTENTION, MAMBA, MLP, MOE
+
+
+def layer_params(cfg: ModelConfig, symbol: str, active: bool = False) -> int:
+    """Parameters of one layer of type ``symbol`` (with ``active``: only the routed top-k experts)."""
+    h = cfg.hidden_size
+    if symbol == MAMBA:
+        d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+        bc = 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
+        conv_dim = d_inner + bc
+        in_proj = h * (2 * d_inner + bc + cfg.mamba_num_heads)
+        conv = conv_dim * 4 + conv_dim  # kernel 4, with bias
+        per_head = 3 * cfg.mamba_num_heads  # A_log, D, dt_bias
+        return h + in_proj + conv + per_head + d_inner + d_inner * h
+    if symbol == ATTENTION:
+        q = cfg.num_attention_heads * cfg.head_dim
+        kv = 2 * cfg.num_query_groups * cfg.head_dim
+        return h + h * (q + kv) + q * h
+    if symbol == MLP:
+        return h + 2 * h * cfg.ffn_hidden_size
+    if symbol == MOE:
+        experts = cfg.moe_router_topk if active else cfg.num_experts
+        shared = 2 * h * (cfg.moe_shared_expert_intermediate_size or 0)
+        return h + cfg.num_experts * h + experts * 2 * h * cfg.moe_ffn_hidden_size + shared
+    raise ValueError(symbol)
+
+
+def count_params(cfg: ModelConfig, vocab_size: int, active: bool = False) -> dict:
+    """{'embedding', 'output', 'layers', 'final_norm', 'total'} (and per-type layer totals)."""
+    by_type: dict[str, int] = {}
+    for s in cfg.layer_pattern:
+        by_type[s] = by_type.get(s, 0) + layer_params(cfg, s, active)
+    emb = vocab_size * cfg.hidden_size
+    out = emb if cfg.untie_embeddings_and_output_weights else 0
+    layers = sum(by_type.values())
+    return {
+        "embedding": emb, "output": out, "final_norm": cfg.hidden_size, "layers": layers,
+        "by_type": by_type, "total": emb + out + cfg.hidden_size + layers,
+    }
+
+
+def linear_layer_names(cfg: ModelConfig) -> list[str]:
+    """Module names of every linear layer, as megatron-core names them in the built model (pp=1)."""
+    names = []
+    for i, s in enumerate(cfg.layer_pattern):
+        p = f"decoder.layers.{i}."
+        if s == MAMBA:
+            names += [p + "mixer.in_proj", p + "mixer.out_proj"]
+        elif s == ATTENTION:
+            names += [p + "self_attention.linear_qkv", p + "self_attention.linear_proj"]
+        elif s == MLP:
+            names += [p + "mlp.linear_fc1", p + "mlp.linear_fc2"]
+        elif s == MOE:
+            for e in range(cfg.num_experts):
+                names += [p + f"mlp.experts.local_experts.{e}.linear_fc1",
+                          p + f"mlp.experts.local_experts.{e}.linear_fc2"]
+            if cfg.moe_shared_expert_intermediate_size:
+                names += [p + "mlp.shared_experts.linear_fc1", p + "mlp.shared_experts.linear_fc2"]
+    return names + ["output_layer"]

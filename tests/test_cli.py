@@ -1,0 +1,118 @@
+"""The `hymoe` command end to end (subprocesses, as a user runs it): training writes what the
+design promises, bad input stops at start-up with one line naming the field, resume continues."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST = ["train.steps=12", "optim.warmup_steps=2", "train.log_interval=4", "logging.progress=false",
+        "logging.wandb=disabled", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=64"]
+
+
+def hymoe(*args, cwd=None, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "hymoe", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "demo"
+    r = hymoe("data", "demo", "--output", str(out), "--vocab", "512", "--max-bytes", "400000")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    """12 steps of a 16-step run (train.exit_at_step=12)."""
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    r = hymoe("train", "tiny", *FAST, "train.steps=16", "train.exit_at_step=12", f"run.dir={run}",
+              f"data.path={demo_data}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run, r
+
+
+def test_train_writes_metrics_config_and_checkpoint(trained):
+    run, r = trained
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == list(range(1, 13))
+    for key in ("step", "loss", "lr", "tokens", "grad_norm"):
+        assert key in rows[0]
+    assert rows[-1]["tokens"] == 12 * 4 * 64
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
+    assert "pattern: M*EM-E" in (run / "config.yaml").read_text()
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000012"
+    assert "recipe: tiny" in r.stdout  # resolved config printed at start
+
+
+def test_resume_continues_exactly(trained, demo_data, tmp_path):
+    """Run A: stopped at 12 then resumed to 16 (train.resume=auto). Run B: 16 steps straight.
+    Steps 13–16 must be identical: model, optimizer, scheduler and data position all restored."""
+    run_a, _ = trained
+    r = hymoe("train", "tiny", *FAST, "train.steps=16", f"run.dir={run_a}", f"data.path={demo_data}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    run_b = tmp_path / "straight"
+    r = hymoe("train", "tiny", *FAST, "train.steps=16", f"run.dir={run_b}", f"data.path={demo_data}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (run_b / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in a] == list(range(1, 17))
+    for ma, mb in zip(a[12:], b[12:]):
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6), ma["step"]
+        assert ma["lr"] == mb["lr"]
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("parallel.tp=3", "parallel.tp"),
+        ("train.stepz=3", "train.stepz"),
+        ("model.pattern=M*X", "model.pattern"),
+        ("train.global_batch=3", "train.global_batch"),
+        ("precision=fp8", "precision"),
+    ],
+)
+def test_bad_override_is_one_line_naming_the_field(override, field):
+    r = hymoe("train", "tiny", override, "--print-config")
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("hymoe: error: ") and field in lines[0], lines[0]
+
+
+def test_missing_data_path_stops_at_start(tmp_path):
+    r = hymoe("train", "tiny", *FAST, f"data.path={tmp_path / 'nope'}",
+              "data.prepare_demo_if_missing=false", f"run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "data.path" in lines[0] and "hymoe data prepare" in lines[0], r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_train_help_lists_keys():
+    r = hymoe("train", "tiny", "--help")
+    assert r.returncode == 0
+    for key in ("train.steps", "train.resume", "parallel.tp", "precision.recipe", "checkpoint.interval"):
+        assert key in r.stdout
+    assert "# Optimizer steps to train for" in r.stdout
+
+
+def test_multirun_sweeps(demo_data, tmp_path):
+    r = hymoe("train", "tiny", "-m", "train.steps=2,3", "optim.warmup_steps=1",
+              "logging.progress=false", "logging.wandb=disabled", "train.global_batch=2",
+              "train.micro_batch=2", "train.seq_len=32", f"data.path={demo_data}",
+              "checkpoint.save_final=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(tmp_path.glob("multirun/tiny/*/*/metrics.jsonl"))
+    assert [len(p.read_text().splitlines()) for p in runs] == [2, 3]
+
+
+def test_data_verify_cli(demo_data):
+    r = hymoe("data", "verify", str(demo_data))
+    assert r.returncode == 0 and "match the manifest" in r.stdout

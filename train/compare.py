@@ -1,0 +1,88 @@
+"""Loss-curve comparison of runs (e.g. NVFP4 against BF16): a plot and a summary.
+
+The final loss of a run is the mean over its last 10% of steps (single steps are noisy); the gap is
+relative to the first run given (the baseline), in percent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a hymoe run directory?)")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+    # A resumed run appends; keep the last record of each step.
+    by_step = {r["step"]: r for r in rows}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def tail_mean(values: list[float], fraction: float = 0.1) -> float:
+    n = max(1, int(round(len(values) * fraction)))
+    return sum(values[-n:]) / n
+
+
+def _label(run_dir: Path) -> str:
+    cfg = run_dir / "config.yaml"
+    if cfg.exists():
+        for line in cfg.read_text().splitlines():
+            if line.strip().startswith("recipe:") and line.startswith("  "):
+                return f"{run_dir.name} ({line.split(':', 1)[1].strip()})"
+    return run_dir.name
+
+
+def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
+    """Write ``loss_curves.png`` and ``compare.json`` to ``out_dir``; return the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [(Path(d), read_metrics(d)) for d in run_dirs]
+    base_final = tail_mean([r["loss"] for r in runs[0][1]])
+    summary = {"runs": [], "lines": [], "max_gap_pct": 0.0}
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 1.3])
+    base_by_step = {r["step"]: r["loss"] for r in runs[0][1]}
+    for d, rows in runs:
+        steps = [r["step"] for r in rows]
+        losses = [r["loss"] for r in rows]
+        final = tail_mean(losses)
+        gap = 100.0 * (final - base_final) / base_final
+        summary["runs"].append({
+            "run": str(d), "steps": len(rows), "first_loss": losses[0], "final_loss": final,
+            "gap_pct": gap,
+        })
+        summary["max_gap_pct"] = max(summary["max_gap_pct"], abs(gap))
+        summary["lines"].append(
+            f"{_label(d):40s} loss {losses[0]:.3f} → {final:.3f} (last 10% mean)  gap {gap:+.2f}%"
+        )
+        ax.plot(steps, losses, label=_label(d), linewidth=1.2)
+        common = [s for s in steps if s in base_by_step]
+        rel = [100.0 * (r["loss"] - base_by_step[r["step"]]) / base_by_step[r["step"]]
+               for r in rows if r["step"] in base_by_step]
+        axr.plot(common, rel, linewidth=1.0)
+    ax.set_ylabel("training loss")
+    ax.set_title("loss curves")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    axr.axhline(0, color="grey", linewidth=0.8)
+    axr.set_ylabel("gap vs first (%)")
+    axr.set_xlabel("step")
+    axr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    (out / "compare.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "lines"}, indent=1))
+    summary["lines"].append(f"plot: {out / 'loss_curves.png'}")
+    return summary
