@@ -93,12 +93,12 @@ def _fmt(x, spec):
 
 def render(results: list[dict], ratios: dict, header: list[str]) -> str:
     lines = [*header, "",
-             f"{'check':<16} {'status':<24} {'steps':>5} {'step s (median)':>16} {'tokens/s (median)':>18}"
+             f"{'check':<16} {'status':<28} {'steps':>5} {'step s (median)':>16} {'tokens/s (median)':>18}"
              f" {'loss first -> last':>20} {'wall s':>7}"]
     for r in results:
         loss = f"{_fmt(r.get('loss_first'), '.3f')} -> {_fmt(r.get('loss_last'), '.3f')}"
         lines.append(
-            f"{r['name']:<16} {r['status']:<24} {r.get('steps', 0):>5} "
+            f"{r['name']:<16} {r['status']:<28} {r.get('steps', 0):>5} "
             f"{_fmt(r.get('median_step_time_s'), '.4f'):>16} {_fmt(r.get('median_tokens_per_s'), ',.0f'):>18}"
             f" {loss:>20} {r['wall_s']:>7}"
         )
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             left = deadline - time.monotonic()
             if left < (30 if required else timeout_s):
                 results.append({"name": name, "recipe": recipe, "steps_asked": steps, "required": required,
-                                "status": f"skipped ({left:.0f} s of budget left)", "wall_s": 0})
+                                "status": f"skipped ({max(left, 0):.0f} s of budget left)", "wall_s": 0})
                 print(f"[gpu-check] {name}: {results[-1]['status']}", flush=True)
                 continue
             extra = list(overrides)
