@@ -116,3 +116,16 @@ def test_multirun_sweeps(demo_data, tmp_path):
 def test_data_verify_cli(demo_data):
     r = hymoe("data", "verify", str(demo_data))
     assert r.returncode == 0 and "match the manifest" in r.stdout
+
+
+def test_nvfp4_resume_repeats_stochastic_rounding(demo_data, tmp_path):
+    """Emulated NVFP4 draws stochastic-rounding noise each step; a resumed run must draw the same."""
+    args = [*FAST, "precision=nvfp4", "train.steps=6", f"data.path={demo_data}"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert hymoe("train", "tiny", *args, "train.exit_at_step=4", f"run.dir={a}").returncode == 0
+    r = hymoe("train", "tiny", *args, f"run.dir={a}")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert hymoe("train", "tiny", *args, f"run.dir={b}").returncode == 0
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-6)

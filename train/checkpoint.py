@@ -105,10 +105,13 @@ def save(root, step: int, chunks, optimizer, scheduler, extra: dict) -> Path:
             model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
         )
     dist_checkpointing.save(state, str(tmp))
-    # Per-rank state that is not a tensor shard: RNG streams.
-    torch.save(
-        {"torch_rng": torch.get_rng_state()}, tmp / f"rng_rank{rank:05d}.pt"
-    )
+    # Per-rank state that is not a tensor shard: RNG streams (torch's, and the stochastic-rounding
+    # stream of the quantized GEMMs, so a resumed NVFP4 run repeats the same draws).
+    rng = {"torch_rng": torch.get_rng_state()}
+    sr = getattr(_unwrap(chunks[0]), "hymoe_sr_rng", None)
+    if sr is not None:
+        rng["sr_rng"] = sr.state_dict()
+    torch.save(rng, tmp / f"rng_rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
         meta = dict(extra, step=step, format_version=FORMAT_VERSION, world_size=dist.get_world_size())
@@ -150,5 +153,9 @@ def load(path, chunks, optimizer, scheduler) -> dict:
         scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.exists() and meta.get("world_size") == dist.get_world_size():
-        torch.set_rng_state(torch.load(rng_file)["torch_rng"])
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch_rng"])
+        sr = getattr(_unwrap(chunks[0]), "hymoe_sr_rng", None)
+        if sr is not None and "sr_rng" in rng:
+            sr.load_state_dict(rng["sr_rng"])
     return meta

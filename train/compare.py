@@ -31,6 +31,15 @@ def tail_mean(values: list[float], fraction: float = 0.1) -> float:
     return sum(values[-n:]) / n
 
 
+def ema(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (what loss-curve viewers call smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
 def _label(run_dir: Path) -> str:
     cfg = run_dir / "config.yaml"
     if cfg.exists():
@@ -67,17 +76,18 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
         summary["lines"].append(
             f"{_label(d):40s} loss {losses[0]:.3f} → {final:.3f} (last 10% mean)  gap {gap:+.2f}%"
         )
-        ax.plot(steps, losses, label=_label(d), linewidth=1.2)
+        (line,) = ax.plot(steps, ema(losses), label=_label(d), linewidth=1.4)
+        ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
         common = [s for s in steps if s in base_by_step]
         rel = [100.0 * (r["loss"] - base_by_step[r["step"]]) / base_by_step[r["step"]]
                for r in rows if r["step"] in base_by_step]
-        axr.plot(common, rel, linewidth=1.0)
+        axr.plot(common, ema(rel), color=line.get_color(), linewidth=1.2)
     ax.set_ylabel("training loss")
-    ax.set_title("loss curves")
+    ax.set_title("loss curves (EMA 0.9 solid, raw faint)")
     ax.legend()
     ax.grid(alpha=0.3)
     axr.axhline(0, color="grey", linewidth=0.8)
-    axr.set_ylabel("gap vs first (%)")
+    axr.set_ylabel("gap vs first, EMA (%)")
     axr.set_xlabel("step")
     axr.grid(alpha=0.3)
     fig.tight_layout()
