@@ -1,17 +1,19 @@
 # syntax=docker/dockerfile:1
-# hymoe on NVIDIA's PyTorch container: the image's GPU stack (torch, CUDA, Transformer Engine, apex)
-# plus the pinned packages hymoe needs on top of it.
+# hymoe on NVIDIA's PyTorch container: the image's GPU stack (torch, CUDA, Transformer Engine,
+# apex) plus the pinned packages hymoe needs on top of it.
 #
 #   docker build -t hymoe .
 #   docker run --gpus all --ipc=host --rm -it hymoe make gpu-check
 #
-# Base: NGC PyTorch 25.11 (Ubuntu 24.04). It carries Python 3.12.3, torch 2.10.0a0+b558c986e8.nv25.11,
-# CUDA 13.0, Triton 3.5, Transformer Engine 2.9.0 and NVIDIA apex (built into the image: the PyPI
-# package named `apex` is an unrelated web toolkit and is never installed here). Why this tag:
+# Base: NGC PyTorch 25.11 (Ubuntu 24.04). It has Python 3.12.3, torch 2.10.0a0+b558c986e8.nv25.11
+# (a pre-release build of 2.10), CUDA 13.0, Triton 3.5, Transformer Engine 2.9.0 and NVIDIA apex
+# (built into the image; the PyPI package named `apex` is an unrelated web toolkit and is never
+# installed here). Why this tag:
 # - megatron-core 0.16.1 was tested on it: Megatron-LM's tag core_v0.16.1 names
 #   nvcr.io/nvidia/pytorch:25.11-py3 in docker/.ngc_version.dev (its LTS image was 25.09-py3).
 # - Transformer Engine 2.9.0 is >= 2.7 (megatron-core's fp4 path) and inside the range that
-#   megatron-core 0.16.1 declares for it (>= 2.9, < 2.12).
+#   megatron-core 0.16.1's `dev` extra declares for it (>= 2.9, < 2.12). hymoe's `gpu` extra
+#   (transformer-engine 2.20.2) is not installed here: the image's TE stays.
 # - Python 3.12 satisfies megatron-core 0.16.1 (requires-python >= 3.10) and hymoe (>= 3.10,
 #   < 3.12.99), and is the Python of the GPU machines that run `make gpu-check` without this image.
 # - mamba-ssm 2.3.2.post1 wants triton >= 3.5, and both it and causal-conv1d 1.7.0 compile for
@@ -31,8 +33,8 @@ from packaging.version import Version
 
 te = Version(md.version("transformer_engine"))
 print(f"python {sys.version.split()[0]}, torch {md.version('torch')}, transformer_engine {te}")
-assert sys.version_info[:2] == (3, 12), "megatron-core 0.16.1 and hymoe are pinned for Python 3.12 here"
-assert te.release >= (2, 7), f"megatron-core's fp4 path needs Transformer Engine >= 2.7, found {te}"
+assert sys.version_info[:2] == (3, 12), "this Dockerfile is written for the image's Python 3.12"
+assert te.release >= (2, 7), f"megatron-core's fp4 path needs Transformer Engine >= 2.7, not {te}"
 try:
     print("apex (NVIDIA):", md.version("apex"))
 except md.PackageNotFoundError:
@@ -43,17 +45,19 @@ EOF
 # apex, numpy and CUDA libraries, or fail. This replaces NGC's /etc/pip/constraint.txt, which pins
 # every preinstalled package and so would refuse hymoe's own pins.
 RUN python -m pip list --format=freeze \
-    | grep -iE '^(torch|torchvision|torchaudio|triton|pytorch-triton|transformer[-_]engine[-_a-z0-9]*|apex|numpy|nvidia-[-_a-z0-9]+|cuda-[-_a-z0-9]+)==' \
+    | grep -iE -e '^(torch|torchvision|torchaudio|triton|pytorch-triton|apex|numpy)==' \
+               -e '^(transformer[-_]engine|nvidia-|cuda-)[-_a-z0-9]*==' \
     > /opt/image-constraints.txt \
     && grep -iq '^torch==' /opt/image-constraints.txt \
     && cat /opt/image-constraints.txt
 ENV PIP_CONSTRAINT=/opt/image-constraints.txt
 
 # The CUDA/Triton packages, compiled against the image's torch: --no-build-isolation (an isolated
-# build would fetch another torch) and FORCE_BUILD (their setup.py would otherwise download prebuilt
-# wheels made for PyPI's torch, not NVIDIA's); their setup.py imports `wheel`; MAX_JOBS bounds nvcc's
-# memory. --no-deps: they need only torch and triton from the image plus einops and transformers,
-# which come with hymoe's pins below (mamba-ssm's tilelang/quack imports are optional, Mamba-3 only).
+# build would fetch another torch) and FORCE_BUILD (their setup.py would otherwise download
+# prebuilt wheels made for PyPI's torch, not NVIDIA's); their setup.py imports `wheel`; MAX_JOBS
+# bounds nvcc's memory. --no-deps: they need only torch and triton from the image plus einops and
+# transformers, which come with hymoe's pins below (mamba-ssm's tilelang and quack imports are
+# optional, for Mamba-3 only).
 # Pins as in pyproject's `gpu` extra (tests/test_dockerfile.py checks they agree).
 ARG MAX_JOBS=4
 RUN python -m pip install wheel==0.45.1
@@ -66,6 +70,7 @@ RUN python -m pip install megatron-core==0.16.1
 
 # The rest of hymoe's requirements and its `dev` extra (to run `make test` in the container), read
 # from pyproject.toml so each pin lives in one place; torch is left out, the image's stays.
+# transformers (dev) is also what mamba-ssm imports.
 COPY pyproject.toml /opt/hymoe/
 RUN python - > /opt/hymoe-requirements.txt <<'EOF'
 import tomllib

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test lint gpu-check clean
+.PHONY: install oracles demo test lint gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH)
 	$(PIP) install -e ".[dev]"
+	$(MAKE) oracles
 	touch $@
+
+# Transformer Engine's pure-PyTorch NVFP4 reference quantizer is the numerics oracle
+# (tests/test_nvfp4_te_reference.py). TE has no CPU build, so only its plain-Python wheel is
+# fetched (1.2 MB, never installed); the test skips if this download is impossible.
+TE_WHEEL := $(HOME)/.cache/hymoe/transformer_engine-2.20.2-py3-none-any.whl
+oracles:
+	@test -f $(TE_WHEEL) || $(PIP) download --no-deps --only-binary=:all: -d $(dir $(TE_WHEEL)) transformer_engine==2.20.2 || echo "TE wheel not downloaded: its oracle test will skip"
 
 # Prepare the embedded corpus, train the tiny hybrid MoE in BF16 and in emulated NVFP4,
 # and write the loss-curve comparison (runs/demo/).

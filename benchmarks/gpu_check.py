@@ -1,11 +1,12 @@
-"""The GPU checks behind `make gpu-check`: short training runs, each in its own process with a timeout,
-summarised from their ``metrics.jsonl``. benchmarks/gpu_check.sh prepares the environment and calls this;
-docs/benchmarks.md says what is measured and why.
+"""The GPU checks behind `make gpu-check`: short training runs, each in its own process with a
+timeout, summarised from their ``metrics.jsonl``. benchmarks/gpu_check.sh prepares the Python
+environment and calls this; docs/benchmarks.md says what is measured and why.
 
-Step time and tokens/s are medians over the steps after the first ``WARMUP_STEPS`` (those include CUDA
-context start-up, Triton compilation and allocator growth). The NVFP4 runs are emulated (quantize,
-dequantize, BF16 GEMM): Hopper has no FP4 tensor cores, so their ratio to BF16 is the cost of the
-emulation, not a speed-up. Only the standard library is used here, so this file runs anywhere.
+Step time and tokens/s are medians over the steps after the first ``WARMUP_STEPS`` (those include
+CUDA context start-up, kernel compilation and allocator growth). NVFP4 is emulated (each GEMM
+operand quantized and dequantized in PyTorch, the GEMM in FP32; Hopper has no FP4 tensor cores), so
+its step-time ratio to BF16 is the cost of the emulation, not a speed-up. Apart from the CUDA check
+in main(), this file needs only the standard library.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from pathlib import Path
 
 WARMUP_STEPS = 5
 
-# (name, recipe, steps, overrides, timeout_s, required). Optional checks run only when the budget
-# still has their timeout left, so the whole script stays under 8 minutes.
+# (name, recipe, steps, overrides, timeout_s, required). An optional check runs only while the
+# budget still holds its whole timeout, so the script stays under 8 minutes.
 CHECKS = [
     ("tiny_gpu-bf16", "tiny_gpu", 50, [], 240, True),
     ("tiny-bf16", "tiny", 20, [], 90, True),
     ("tiny-nvfp4", "tiny", 20, ["precision=nvfp4"], 120, True),
     ("tiny_gpu-nvfp4", "tiny_gpu", 20, ["precision=nvfp4"], 150, False),
 ]
-# (emulated run, its BF16 baseline): step-time ratios reported in the summary.
+# (emulated run, its BF16 baseline): step-time ratios for the summary.
 RATIOS = [("tiny-nvfp4", "tiny-bf16"), ("tiny_gpu-nvfp4", "tiny_gpu-bf16")]
 
 
@@ -40,11 +41,15 @@ def summarize_metrics(path: Path, warmup: int = WARMUP_STEPS) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     timed = [r for r in rows if r["step"] > warmup]
     losses = [r["loss"] for r in rows]
+
+    def median(key):
+        return statistics.median(r[key] for r in timed) if timed else None
+
     return {
         "steps": len(rows),
         "timed_steps": len(timed),
-        "median_step_time_s": statistics.median(r["step_time_s"] for r in timed) if timed else None,
-        "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed) if timed else None,
+        "median_step_time_s": median("step_time_s"),
+        "median_tokens_per_s": median("tokens_per_s"),
         "first_step_time_s": rows[0]["step_time_s"] if rows else None,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
@@ -53,7 +58,8 @@ def summarize_metrics(path: Path, warmup: int = WARMUP_STEPS) -> dict:
 
 
 def run_check(name, recipe, steps, overrides, timeout_s, work: Path, log) -> dict:
-    """Train ``recipe`` for ``steps`` steps in a child process; kill its process group on timeout."""
+    """Train ``recipe`` for ``steps`` steps in a child process; kill its process group on
+    timeout."""
     run_dir = work / "runs" / name
     cmd = [
         sys.executable, "-m", "hymoe", "train", recipe, f"train.steps={steps}",
@@ -62,11 +68,12 @@ def run_check(name, recipe, steps, overrides, timeout_s, work: Path, log) -> dic
     ]
     log.write(f"\n===== {name}: {' '.join(cmd[1:])} (timeout {timeout_s:.0f} s)\n")
     log.flush()
-    print(f"[gpu-check] {name}: {recipe} {steps} steps {' '.join(overrides)} (timeout {timeout_s:.0f} s)",
-          flush=True)
+    print(f"[gpu-check] {name}: {recipe}, {steps} steps {' '.join(overrides)}"
+          f" (timeout {timeout_s:.0f} s)", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
     try:
         rc = proc.wait(timeout=timeout_s)
         status = "ok" if rc == 0 else f"failed (exit {rc})"
@@ -92,36 +99,36 @@ def _fmt(x, spec):
 
 
 def render(results: list[dict], ratios: dict, header: list[str]) -> str:
-    lines = [*header, "",
-             f"{'check':<16} {'status':<28} {'steps':>5} {'step s (median)':>16} {'tokens/s (median)':>18}"
-             f" {'loss first -> last':>20} {'wall s':>7}"]
+    columns = (f"{'check':<16} {'status':<28} {'steps':>5} {'step s (median)':>16}"
+               f" {'tokens/s (median)':>18} {'loss first -> last':>20} {'wall s':>7}")
+    lines = [*header, "", columns]
     for r in results:
         loss = f"{_fmt(r.get('loss_first'), '.3f')} -> {_fmt(r.get('loss_last'), '.3f')}"
         lines.append(
-            f"{r['name']:<16} {r['status']:<28} {r.get('steps', 0):>5} "
-            f"{_fmt(r.get('median_step_time_s'), '.4f'):>16} {_fmt(r.get('median_tokens_per_s'), ',.0f'):>18}"
-            f" {loss:>20} {r['wall_s']:>7}"
+            f"{r['name']:<16} {r['status']:<28} {r.get('steps', 0):>5}"
+            f" {_fmt(r.get('median_step_time_s'), '.4f'):>16}"
+            f" {_fmt(r.get('median_tokens_per_s'), ',.0f'):>18} {loss:>20} {r['wall_s']:>7}"
         )
-    lines.append("")
-    lines.append(f"medians over steps > {WARMUP_STEPS}; NVFP4 is emulated on GPUs without FP4 tensor cores")
-    for key, value in ratios.items():
-        lines.append(f"step-time ratio {key}: {_fmt(value, '.2f')}")
+    note = (f"medians over steps > {WARMUP_STEPS}; NVFP4 is emulated (FP32 GEMMs on dequantized"
+            " operands), so its ratio to BF16 is the emulation's cost")
+    lines += ["", note]
+    lines += [f"step-time ratio {key}: {_fmt(value, '.2f')}" for key, value in ratios.items()]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, required=True, help="scratch folder for run dirs and demo data")
+    p.add_argument("--work", type=Path, required=True, help="scratch folder: run dirs, demo data")
     p.add_argument("--out", type=Path, default=None, help="write gpu_check.{txt,json,log} here")
-    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting checks past this")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no check past this")
     p.add_argument("--only", default="", help="comma-separated check names (default: all)")
     p.add_argument("--steps", type=int, default=None, help="override every check's step count")
-    p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (tests this script only)")
+    p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (tests this file)")
     p.add_argument("--header", action="append", default=[], help="a line for the summary's top")
     args = p.parse_args(argv)
 
     if not args.allow_cpu:
-        import torch  # only here: the summary part of this file needs no torch
+        import torch
 
         if not torch.cuda.is_available():
             print("no NVIDIA GPU: gpu-check needs one (torch.cuda.is_available() is False)")
@@ -138,32 +145,32 @@ def main(argv=None) -> int:
                 continue
             left = deadline - time.monotonic()
             if left < (30 if required else timeout_s):
-                results.append({"name": name, "recipe": recipe, "steps_asked": steps, "required": required,
-                                "status": f"skipped ({max(left, 0):.0f} s of budget left)", "wall_s": 0})
-                print(f"[gpu-check] {name}: {results[-1]['status']}", flush=True)
+                status = f"skipped ({max(left, 0):.0f} s of budget left)"
+                print(f"[gpu-check] {name}: {status}", flush=True)
+                results.append({"name": name, "recipe": recipe, "steps_asked": steps,
+                                "required": required, "status": status, "wall_s": 0})
                 continue
             extra = list(overrides)
             if args.steps is not None:
                 steps = args.steps
-                extra.append("optim.warmup_steps=1")  # recipes' warmup may exceed a short run
+                extra.append("optim.warmup_steps=1")  # a recipe's warmup may exceed a short run
             result = run_check(name, recipe, steps, extra, min(timeout_s, left), args.work, log)
             results.append({**result, "required": required})
 
     by_name = {r["name"]: r for r in results}
     ratios = {}
     for emulated, base in RATIOS:
-        a = by_name.get(emulated, {}).get("median_step_time_s")
-        b = by_name.get(base, {}).get("median_step_time_s")
         if emulated in by_name or base in by_name:
+            a = by_name.get(emulated, {}).get("median_step_time_s")
+            b = by_name.get(base, {}).get("median_step_time_s")
             ratios[f"{emulated} / {base}"] = a / b if a and b else None
     text = render(results, ratios, args.header)
     (out / "gpu_check.txt").write_text(text)
-    (out / "gpu_check.json").write_text(
-        json.dumps({"header": args.header, "results": results, "ratios": ratios}, indent=2) + "\n"
-    )
+    summary = {"header": args.header, "results": results, "ratios": ratios}
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
     print(text, end="")
-    # An optional check may be skipped for time; any check that ran must pass.
+    # An optional check may be skipped for time; every check that ran must pass.
     failed = [r["name"] for r in results
               if r["status"] != "ok" and (r["required"] or not r["status"].startswith("skipped"))]
     if failed:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Download, on a machine that reaches PyPI, the wheels that benchmarks/gpu_check.sh installs on a GPU
-# machine without network. That machine has Python 3.12, torch, numpy, safetensors, rich, einops,
-# psutil, matplotlib and PyYAML, but not megatron-core, hydra-core/omegaconf/antlr4 or webdataset.
+# Download, on a machine that reaches PyPI, the wheels that benchmarks/gpu_check.sh installs on a
+# GPU machine without network. That machine has Python 3.12, torch, numpy, safetensors, rich,
+# einops, psutil, matplotlib and PyYAML, but not megatron-core, hydra-core/omegaconf/antlr4 or
+# webdataset.
 #
 #   bash benchmarks/wheels.sh [DEST]      # DEST defaults to .cache/gpu_wheels (git ignores .cache/)
 #
@@ -59,7 +60,7 @@ echo "building $ANTLR (PyPI has only its sdist; the wheel is pure Python)"
 ls "$DEST"/antlr4_python3_runtime-4.9.3-py3-none-any.whl >/dev/null
 
 if ls "$DEST" | grep -Eiq '^(torch|triton|nvidia_)'; then
-    echo "wheels.sh: a torch/triton/nvidia wheel landed in $DEST; the GPU machine's own must be used" >&2
+    echo "wheels.sh: a torch/triton/nvidia wheel is in $DEST; the GPU machine's own is used" >&2
     exit 1
 fi
 
@@ -70,7 +71,7 @@ echo
 ls -l "$DEST" | awk 'NR > 1 { printf "  %10d  %s\n", $5, $9 }'
 echo "total: $(ls "$DEST"/*.whl | wc -l) wheels, $bytes bytes ($mib MiB) in $DEST"
 if [ "$bytes" -gt $((MAX_MIB * 1048576)) ]; then
-    echo "wheels.sh: over $MAX_MIB MiB; the working tree that travels to the GPU machine is capped at 64 MiB" >&2
+    echo "wheels.sh: over $MAX_MIB MiB (all that travels to the GPU machine: 64 MiB at most)" >&2
     exit 1
 fi
-echo "next: run benchmarks/gpu_check.sh on the GPU machine with $DEST carried along (docs/benchmarks.md)"
+echo "next: benchmarks/gpu_check.sh on the GPU machine, $DEST carried along (docs/benchmarks.md)"

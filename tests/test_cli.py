@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-FAST = ["train.steps=12", "optim.warmup_steps=2", "train.log_interval=4", "logging.progress=false",
-        "logging.wandb=disabled", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=64"]
+BASE = ["train.steps=12", "optim.warmup_steps=2", "train.log_interval=4", "logging.progress=false",
+        "train.global_batch=4", "train.micro_batch=2", "train.seq_len=64"]
+FAST = BASE + ["logging.wandb=disabled"]
 
 
 def hymoe(*args, cwd=None, timeout=600):
@@ -31,7 +32,8 @@ def demo_data(tmp_path_factory):
 def trained(demo_data, tmp_path_factory):
     """12 steps of a 16-step run (train.exit_at_step=12)."""
     run = tmp_path_factory.mktemp("run") / "tiny"
-    r = hymoe("train", "tiny", *FAST, "train.steps=16", "train.exit_at_step=12", f"run.dir={run}",
+    # wandb at its default (offline): must write its run locally and never touch the network.
+    r = hymoe("train", "tiny", *BASE, "logging.wandb=offline", "train.steps=16", "train.exit_at_step=12", f"run.dir={run}",
               f"data.path={demo_data}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run, r
@@ -48,6 +50,7 @@ def test_train_writes_metrics_config_and_checkpoint(trained):
     assert "pattern: M*EM-E" in (run / "config.yaml").read_text()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000012"
     assert "recipe: tiny" in r.stdout  # resolved config printed at start
+    assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"
 
 
 def test_resume_continues_exactly(trained, demo_data, tmp_path):
