@@ -319,3 +319,14 @@ def _save_state(out: Path, state: dict) -> None:
     tmp = out / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state), encoding="utf-8")
     os.replace(tmp, out / STATE_FILE)
+
+
+def prepare_demo(output: str | Path, vocab_size: int = 2048, max_bytes: int = 3_000_000,
+                 progress: bool = True) -> dict:
+    """The embedded demo corpus (the Python stdlib's own source) tokenized into ``output`` with a
+    BPE trained on it. Small shards (250k tokens) so that shard-level shuffling has a few to mix."""
+    from hymoe.data.corpus import demo_corpus_files
+
+    files = demo_corpus_files(max_bytes)
+    return prepare([str(f) for f in files], output, train_tokenizer_vocab=vocab_size,
+                   shard_tokens=250_000, workers=1, progress=progress)

@@ -153,12 +153,9 @@ def cmd_data(argv: list[str]) -> int:
                 return 1
             print(f"{args.dir}: all shards match the manifest")
         else:
-            from hymoe.data import demo_corpus_files
-            from hymoe.data.prepare import prepare
+            from hymoe.data.prepare import prepare_demo
 
-            files = demo_corpus_files(args.max_bytes)
-            m = prepare([str(f) for f in files], args.output, train_tokenizer_vocab=args.vocab,
-                        shard_tokens=250_000)
+            m = prepare_demo(args.output, args.vocab, args.max_bytes)
             print(f"wrote {len(m['shards'])} shards, {m['totals']['tokens']:,} tokens → {args.output}")
     except DataError as e:
         _fail(str(e), 1)

@@ -40,15 +40,10 @@ def ensure_data(cfg: HymoeConfig, console) -> Path:
             f"--output {path}` first or point data.path at a prepared folder"
         )
     if dist.get_rank() == 0:
-        from hymoe.data import demo_corpus_files
-        from hymoe.data.prepare import prepare
+        from hymoe.data.prepare import prepare_demo
 
-        files = demo_corpus_files(cfg.data.demo_max_bytes)
-        console.print(f"preparing the demo corpus: {len(files)} stdlib files → {path}")
-        prepare(
-            [str(f) for f in files], path, train_tokenizer_vocab=cfg.data.demo_vocab_size,
-            shard_tokens=250_000, workers=1, progress=cfg.logging.progress,
-        )
+        console.print(f"preparing the demo corpus (Python stdlib source) → {path}")
+        prepare_demo(path, cfg.data.demo_vocab_size, cfg.data.demo_max_bytes, cfg.logging.progress)
     dist.barrier()
     return path
 
