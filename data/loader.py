@@ -1,93 +1,119 @@
 """`PackedStream`: endless, deterministic, resumable packed micro-batches for one DP rank.
 
-Order. Epoch `e` shuffles the shards and, within each shard, its documents, with a generator
-seeded from (seed, e); the same permutation is computed on every rank, and position `i` of it goes
-to rank `i % dp_size`, so ranks see disjoint documents whose union is the dataset. Shuffling within
-shards (not across the whole dataset) keeps one shard open at a time. Every rank reads every shard
-and keeps 1/dp_size of it; fine while shards are few MB — split by shard once datasets are large.
+The data of a run is read by `num_streams` independent streams (stream.py), fixed for the run;
+DP rank `r` of `dp` reads streams `r, r + dp, r + 2*dp, …` round-robin, one row each, optionally in
+worker processes (workers.py). Which rows a stream yields depends only on (datasets, blend, seed,
+num_streams) — not on the DP size, micro-batch size or number of workers — so:
 
-Packing. Each document is followed by the EOD token and the documents are concatenated into one
-token stream per rank. A micro-batch takes the next `micro_batch * seq_len + 1` tokens of the stream;
-row b's inputs are stream[b*S : b*S+S] and its labels the same shifted by one, so no token pair is
-lost between rows or batches (the next batch starts with this batch's last label, as in Megatron's
-GPTDataset). Labels cross document boundaries (the label at an EOD input is the next document's
-first token); `loss_mask` is all ones for now, and `seq_idx` tells a document-aware kernel where the
-boundaries are.
+- resume is exact: the state is each stream's position plus the rank's round-robin position;
+- resuming on another DP size is exact too (`load_rank_states`): the streams are dealt to the new
+  ranks and each continues where it stopped; nothing is repeated or skipped, only the assignment
+  of streams to ranks (and so the order of rows across ranks) changes. docs/data.md has the rules.
 
-Resume. The position is a token cursor (epoch, document in this rank's epoch order, token offset
-within it, and the one carried-over token), so `state_dict()` is a few ints and a restored stream
-yields exactly the batches that would have come next — even with another seq_len or micro_batch.
+Each batch (B = micro_batch, S = seq_len), all CPU tensors:
+    tokens      int64   [B, S]   input token ids
+    labels      int64   [B, S]   next-token targets (the row's window shifted by one)
+    loss_mask   float32 [B, S]   1, or 0 where the input is EOD if `eod_mask_loss`
+    seq_idx     int32   [B, S]   segment index within the row: 0 at the first token, +1 on the token
+                                 after each EOD and at each `context_len` cut (Mamba state resets)
+    cu_seqlens  int32   [n + 1]  segment boundaries over the flattened B*S tokens (each row starts
+                                 one): the THD `cu_seqlens_q/kv` of megatron's PackedSeqParams
+    max_seqlen  int32   []       the longest segment
+A segment is one document with its EOD, or the piece of one that a row or `context_len` cut off;
+attention must not cross segment boundaries and Mamba must reset its state at each.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from hymoe.data.blend import Blend, blend_from_config
 from hymoe.data.errors import DataError
-from hymoe.data.manifest import first_keys, load_manifest, read_shard
-from hymoe.data.shards import DTYPES, decode_documents
+from hymoe.data.manifest import shard_problems
+from hymoe.data.order import Dataset, open_datasets
+from hymoe.data.stream import RowSchedule, build_streams
 
-_STATE_VERSION = 1
+log = logging.getLogger("hymoe.data")
+_STATE_VERSION = 2
+AUTO_STREAMS = 64
 
 
 class PackedStream:
-    """Iterator of micro-batches (dicts of CPU tensors) from a directory made by `prepare`.
+    """Iterator of micro-batches (dicts of CPU tensors, see the module docstring).
 
-    Each batch, with B = micro_batch and S = seq_len:
-        tokens    int64   [B, S]  input token ids
-        labels    int64   [B, S]  next-token targets: tokens shifted left by one
-        loss_mask float32 [B, S]  all ones (cross-document labels are kept, see module docstring)
-        seq_idx   int32   [B, S]  document index within the row: 0 at the row's first token,
-                                  +1 on the token after each EOD
+    `path`: a prepared directory, or a `Blend` of several. `num_streams` 0 picks
+    max(64, dp_size * num_workers), at most the smallest dataset's document count; a checkpoint's
+    value wins on resume. `on_corrupt`: "error" or "skip" (see docs/data.md).
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Blend,
         seq_len: int,
         micro_batch: int,
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
         tokenizer_fingerprint: str | None = None,
+        *,
+        num_streams: int = 0,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        on_corrupt: str = "error",
+        eod_mask_loss: bool = False,
     ):
         if seq_len < 1 or micro_batch < 1:
             raise DataError(f"seq_len ({seq_len}) and micro_batch ({micro_batch}) must be >= 1")
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
-        self.path = Path(path)
-        self.manifest = m = load_manifest(self.path)
-        fp = m["tokenizer"]["fingerprint"]
-        if tokenizer_fingerprint is not None and tokenizer_fingerprint != fp:
-            raise DataError(
-                f"{self.path}: prepared with tokenizer {fp[:16]}…, but the model expects "
-                f"{tokenizer_fingerprint[:16]}…; prepare the data again with the model's tokenizer"
-            )
-        if m["totals"]["documents"] < dp_size:
-            raise DataError(f"{self.path} has {m['totals']['documents']} documents, fewer than "
-                            f"dp_size={dp_size}; every rank needs at least one")
-        # Cheap up-front check so a missing or truncated shard fails now, not hours into training;
-        # the sha256 is checked when each shard is opened.
-        for s in m["shards"]:
-            p = self.path / s["name"]
-            if not p.is_file() or p.stat().st_size != s["bytes"]:
-                raise DataError(f"{p}: shard missing or of the wrong size (manifest says "
-                                f"{s['bytes']} bytes); run `hymoe data verify {self.path}`")
+        if seed < 0 or num_streams < 0 or num_workers < 0 or prefetch_factor < 1:
+            raise DataError(f"seed ({seed}), num_streams ({num_streams}) and num_workers "
+                            f"({num_workers}) must be >= 0, prefetch_factor ({prefetch_factor}) >= 1")
+        if on_corrupt not in ("error", "skip"):
+            raise DataError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        self.blend = path if isinstance(path, Blend) else Blend.single(path)
+        self.datasets = open_datasets(self.blend.names, self.blend.sources, tokenizer_fingerprint)
+        self.path = self.datasets[0].path
+        self.manifest = self.datasets[0].manifest
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.eod = m["tokenizer"]["eod_id"]
-        self._dtype = m["dtype"]
-        self._eod_piece = np.array([self.eod], dtype=DTYPES[self._dtype])
-        self._docs_per_shard = [s["documents"] for s in m["shards"]]
-        self._first_keys = first_keys(m)
-        # The dataset's identity for state dicts: its shards' hashes, in order.
-        self._dataset_id = hashlib.sha256(
-            "".join(s["sha256"] for s in m["shards"]).encode()).hexdigest()
-        self._open: tuple[int, list[np.ndarray]] | None = None
-        self._set_position(epoch=0, cursor=0, offset=0, carry=None)
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.on_corrupt, self.eod_mask_loss = on_corrupt, eod_mask_loss
+        self.eod = self.datasets[0].eod
+        self._context = [d.context_len for d in self.datasets]
+        if on_corrupt == "error":
+            for ds in self.datasets:
+                _check_sizes(ds)
+        self._fixed_streams = num_streams
+        n = num_streams or min(max(AUTO_STREAMS, dp_size * max(1, num_workers)),
+                               min(d.n_docs for d in self.datasets))
+        self._pool = None
+        self._layout(n, rr=0, base_tokens=0, states={})
+
+    # -- layout --------------------------------------------------------------------------------
+    def _layout(self, n: int, rr: int, base_tokens: int, states: dict[int, dict]) -> None:
+        small = [d for d in self.datasets if d.n_docs < n]
+        if small:
+            raise DataError(f"dataset '{small[0].name}' ({small[0].path}) has {small[0].n_docs} "
+                            f"documents, fewer than num_streams={n}; lower data.num_streams")
+        if n < self.dp_size:
+            raise DataError(f"num_streams={n} is smaller than dp_size={self.dp_size}: every rank "
+                            "reads at least one stream; raise data.num_streams (fixed for a run)")
+        self.close()
+        self.num_streams = n
+        self.rank_streams = list(range(self.dp_rank, n, self.dp_size))
+        self.workers = min(self.num_workers, len(self.rank_streams))
+        self._sched = RowSchedule(self.rank_streams, rr, base_tokens, self.seq_len,
+                                  self.micro_batch, self.dp_size)
+        self._j = 0
+        self._states = {v: states[v] for v in self.rank_streams if v in states}
+        self._live = None if self.workers else build_streams(
+            self.rank_streams, self.datasets, self.blend, n, self.seed, self.on_corrupt,
+            self._states)
 
     @property
     def tokens_per_batch(self) -> int:
@@ -95,102 +121,226 @@ class PackedStream:
         return self.micro_batch * self.seq_len
 
     @property
+    def tokens(self) -> int:
+        """Global tokens consumed (all DP ranks, which consume in lockstep)."""
+        return self._sched.tokens_before(self._j)
+
+    @property
     def epoch(self) -> int:
-        """Epoch of the next token to be read (0-based; each rank counts its own)."""
-        return self._epoch
+        """The lowest epoch any dataset is in on any of this rank's streams (0-based)."""
+        subs = [s for st in self._stream_states().values() for s in st["subs"].values()]
+        return min((s["epoch"] for s in subs), default=0)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """This rank's documents for `epoch`, in reading order: int64 [n, 2] of (shard, index in shard)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        parts = []
-        for s in rng.permutation(len(self._docs_per_shard)):
-            n = self._docs_per_shard[s]
-            parts.append(np.stack([np.full(n, s), rng.permutation(n)], axis=1))
-        return np.concatenate(parts)[self.dp_rank :: self.dp_size]
+    def epoch_documents(self, dataset: str, stream: int, epoch: int) -> np.ndarray:
+        """What `stream` reads of `dataset` in `epoch`: int64 [docs, 2] of (shard, index in shard)."""
+        ds = self.datasets[self.blend.names.index(dataset)]
+        return ds.epoch_documents(self.seed, epoch, stream, self.num_streams)
 
+    # -- batches -------------------------------------------------------------------------------
     def __iter__(self) -> PackedStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self._live is None and self._pool is None:
+            self._start_workers()
+        rows = []
+        for j in range(self._j, self._j + self.micro_batch):
+            v = self._sched.stream(j)
+            if self._live is not None:
+                rows.append(self._live[v].next_row(self.seq_len, self._sched.tokens_before(j)))
+            else:
+                row, d, self._states[v] = self._pool.get(j, self._sched.position(j) % self.workers)
+                rows.append((row, d))
+        self._j += self.micro_batch
+        return self._assemble(rows)
+
+    def _start_workers(self) -> None:
+        from hymoe.data.workers import WorkerPool
+
+        s = self._sched
+        spec = {"blend": self.blend, "datasets": self.datasets, "n_streams": self.num_streams,
+                "seed": self.seed, "on_corrupt": self.on_corrupt,
+                "schedule": (s.streams, s.position(self._j), s.tokens_before(self._j), s.seq_len,
+                             s.micro_batch, s.dp_size)}
+        per_worker = -(-self.micro_batch // self.workers)
+        self._pool = WorkerPool(spec, self.workers, dict(self._states),
+                                self.prefetch_factor * per_worker)
+        # The workers count rows from here; so does the consumer.
+        self._sched = RowSchedule(*spec["schedule"])
+        self._j = 0
+
+    def _assemble(self, rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
         B, S = self.micro_batch, self.seq_len
-        pieces: list[np.ndarray] = []
-        need = B * S + 1
-        if self._carry is not None:
-            pieces.append(np.array([self._carry], dtype=DTYPES[self._dtype]))
-            need -= 1
-        while need > 0:
-            doc = self._current_doc()
-            n = len(doc)
-            if self._offset < n:
-                take = min(need, n - self._offset)
-                pieces.append(doc[self._offset : self._offset + take])
-                self._offset += take
-                need -= take
-            if need > 0 and self._offset == n:
-                pieces.append(self._eod_piece)
-                self._offset += 1
-                need -= 1
-            if self._offset == n + 1:
-                self._advance_doc()
-        flat = torch.from_numpy(np.concatenate(pieces).astype(np.int64))
-        self._carry = int(flat[-1])
-        tokens = flat[:-1].view(B, S)
-        is_eod = (tokens == self.eod).to(torch.int32)
+        x = np.empty((B, S + 1), dtype=np.int64)
+        for i, (row, _) in enumerate(rows):
+            x[i] = row
+        tokens, labels = np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
+        starts = np.zeros((B, S), dtype=bool)
+        np.equal(tokens[:, :-1], self.eod, out=starts[:, 1:])  # the token after an EOD
+        for i, (_, d) in enumerate(rows):
+            c = self._context[d]
+            if c is not None and c < S:
+                starts[i, c::c] = True
+        seq_idx = np.cumsum(starts, axis=1, dtype=np.int32)
+        starts[:, 0] = True
+        cu = np.append(np.flatnonzero(starts), B * S).astype(np.int32)
+        loss_mask = np.ones((B, S), dtype=np.float32)
+        if self.eod_mask_loss:
+            loss_mask[tokens == self.eod] = 0.0
         return {
-            "tokens": tokens,
-            "labels": flat[1:].view(B, S),
-            "loss_mask": torch.ones(B, S, dtype=torch.float32),
-            # Exclusive cumsum: the EOD itself still belongs to the document it ends.
-            "seq_idx": (is_eod.cumsum(dim=1, dtype=torch.int32) - is_eod),
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "seq_idx": torch.from_numpy(seq_idx),
+            "cu_seqlens": torch.from_numpy(cu),
+            "max_seqlen": torch.tensor(int(np.diff(cu).max()), dtype=torch.int32),
         }
 
+    # -- state ---------------------------------------------------------------------------------
+    def _stream_states(self) -> dict[int, dict]:
+        if self._live is not None:
+            return {v: s.state_dict() for v, s in self._live.items()}
+        return {v: self._states.get(v, {"subs": {}, "tokens": []}) for v in self.rank_streams}
+
     def state_dict(self) -> dict:
-        """Plain ints and strings: the exact stream position plus what it is only valid for."""
+        """Plain ints, strings and lists (JSON-safe): what this rank has *received*, exactly."""
         return {
             "version": _STATE_VERSION,
-            "epoch": self._epoch,
-            "cursor": self._cursor,
-            "offset": self._offset,
-            "carry": self._carry,
             "seed": self.seed,
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
-            "dataset": self._dataset_id,
+            "num_streams": self.num_streams,
+            "datasets": {d.name: d.id for d in self.datasets},
+            "tokens": self.tokens,
+            "rr": self._sched.position(self._j),
+            "streams": {str(v): s for v, s in self._stream_states().items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`. Seed, DP layout and dataset must match: a different one would
-        silently repeat or skip documents, so it is an error here, not a guess."""
-        for key in ("version", "seed", "dp_rank", "dp_size", "dataset"):
-            mine = _STATE_VERSION if key == "version" else self.state_dict()[key]
-            if state.get(key) != mine:
-                raise DataError(
-                    f"loader state field '{key}' is {state.get(key)!r} but this stream has "
-                    f"{mine!r}; resume with the same {key} or start the data stream afresh")
-        self._set_position(state["epoch"], state["cursor"], state["offset"], state["carry"])
+        """Continue from this rank's `state` (same DP size and rank). For another DP size, pass
+        every old rank's state to `load_rank_states`."""
+        self._check(state)
+        if (state["dp_size"], state["dp_rank"]) != (self.dp_size, self.dp_rank):
+            raise DataError(
+                f"loader state is rank {state['dp_rank']} of dp_size={state['dp_size']}, this "
+                f"stream is rank {self.dp_rank} of {self.dp_size}; to resume on another DP size "
+                "pass every rank's state to PackedStream.load_rank_states")
+        self._layout(state["num_streams"], state["rr"], state["tokens"],
+                     {int(v): s for v, s in state["streams"].items()})
 
-    # -- position ---------------------------------------------------------------------------
-    def _set_position(self, epoch: int, cursor: int, offset: int, carry: int | None) -> None:
-        self._epoch, self._order = epoch, self.epoch_order(epoch)
-        if not 0 <= cursor < len(self._order):
-            raise DataError(f"loader state cursor {cursor} is outside epoch {epoch}'s "
-                            f"{len(self._order)} documents for this rank")
-        self._cursor, self._offset, self._carry = cursor, offset, carry
+    def load_rank_states(self, states: Mapping[str, dict] | Sequence[dict]) -> str | None:
+        """Continue from the states of *all* DP ranks of a checkpoint, on this DP size.
 
-    def _advance_doc(self) -> None:
-        self._cursor += 1
-        self._offset = 0
-        if self._cursor == len(self._order):
-            self._epoch += 1
-            self._order = self.epoch_order(self._epoch)
-            self._cursor = 0
+        Same DP size: exactly `load_state_dict` of this rank's state. Another DP size: the streams
+        are dealt to the new ranks (rank r reads streams r, r + dp, …) and each continues from its
+        own position: no row is repeated or skipped. Returns a line saying so, also logged.
+        """
+        states = list(states.values()) if isinstance(states, Mapping) else list(states)
+        if not states:
+            raise DataError("load_rank_states: no states given")
+        for s in states:
+            self._check(s)
+        old = states[0]["dp_size"]
+        if sorted(s["dp_rank"] for s in states) != list(range(old)) or any(
+                s["dp_size"] != old for s in states):
+            raise DataError(f"load_rank_states needs one state per rank of dp_size={old}, got "
+                            f"ranks {sorted(s['dp_rank'] for s in states)}")
+        tokens = {s["tokens"] for s in states}
+        if len(tokens) != 1:
+            raise DataError(f"loader states of different ranks consumed different token counts "
+                            f"{sorted(tokens)}; they must come from one checkpoint")
+        if old == self.dp_size:
+            self.load_state_dict(next(s for s in states if s["dp_rank"] == self.dp_rank))
+            return None
+        merged = {int(v): st for s in states for v, st in s["streams"].items()}
+        self._layout(states[0]["num_streams"], 0, tokens.pop(), merged)
+        msg = (f"data: resuming a dp_size={old} loader state on dp_size={self.dp_size}: the "
+               f"{self.num_streams} streams are dealt anew (this rank reads "
+               f"{len(self.rank_streams)}) and each continues where it stopped, so no document "
+               "is repeated or skipped; rows are ordered across ranks differently from a run "
+               f"that always had dp_size={self.dp_size}")
+        log.warning(msg)
+        return msg
 
-    def _current_doc(self) -> np.ndarray:
-        shard, local = self._order[self._cursor]
-        if self._open is None or self._open[0] != shard:
-            # One open shard at a time: within an epoch, this rank's documents are grouped by shard.
-            data = read_shard(self.path, self.manifest, int(shard))
-            name = self.manifest["shards"][shard]["name"]
-            self._open = (int(shard), decode_documents(data, self._dtype,
-                                                       self._first_keys[shard], name))
-        return self._open[1][local]
+    def _check(self, state: dict) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')!r} is not "
+                            f"{_STATE_VERSION} (written by another hymoe); its reading order "
+                            "differs, so it cannot be continued exactly: start the data afresh")
+        if state["seed"] != self.seed:
+            raise DataError(f"loader state field 'seed' is {state['seed']!r} but this stream has "
+                            f"{self.seed!r}; resume with the same seed")
+        if self._fixed_streams and state["num_streams"] != self._fixed_streams:
+            raise DataError(f"loader state has num_streams={state['num_streams']}, the config "
+                            f"{self._fixed_streams}; the stream count is fixed for a run: set "
+                            f"data.num_streams={state['num_streams']} (or 0)")
+        mine = {d.name: d.id for d in self.datasets}
+        for name, ident in state["datasets"].items():
+            if name in mine and mine[name] != ident:
+                raise DataError(f"loader state field 'dataset' {name!r}: the checkpoint read other "
+                                f"shards than {self.datasets[self.blend.names.index(name)].path} "
+                                "holds; point the dataset at the data the run started with")
+
+    # -- metrics -------------------------------------------------------------------------------
+    def blend_tokens(self) -> list[dict[str, int]]:
+        """Tokens received per phase and dataset on this rank: [{name: tokens}] (sum over ranks
+        for the run's totals)."""
+        out = [{n: 0 for n, w in zip(self.blend.names, p.weights) if w > 0}
+               for p in self.blend.phases]
+        for st in self._stream_states().values():
+            for phase, counts in enumerate(st["tokens"][: len(out)]):
+                for name, c in counts.items():
+                    out[phase][name] = out[phase].get(name, 0) + c
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for the metrics file (this rank): the phase, each dataset's realised share
+        of the current phase's tokens, and what `on_corrupt=skip` skipped."""
+        phase = self.blend.phase_at(self.tokens)
+        counts = self.blend_tokens()[phase]
+        total = sum(counts.values())
+        subs = [s for st in self._stream_states().values() for s in st["subs"].values()]
+        out: dict[str, float] = {"data/phase": phase, "data/epoch": self.epoch}
+        out.update({f"data/share/{n}": (c / total if total else 0.0) for n, c in counts.items()})
+        out["data/skipped_shards"] = sum(s["skipped_shards"] for s in subs)
+        out["data/skipped_documents"] = sum(s["skipped_documents"] for s in subs)
+        return out
+
+    # -- workers -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop worker processes (they also stop when the stream is garbage-collected)."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> PackedStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_sizes(ds: Dataset) -> None:
+    """Fail now, not hours into training, on a missing or truncated shard (sha256 is checked
+    when a shard is first opened)."""
+    for i, s in enumerate(ds.shards):
+        p = ds.path / s["name"]
+        if not p.is_file():
+            raise DataError(f"{p}: shard missing (dataset '{ds.name}'); restore it or re-run "
+                            "`hymoe data prepare`, or set data.on_corrupt=skip")
+        if p.stat().st_size != s["bytes"]:
+            problems = "; ".join(shard_problems(p.read_bytes(), ds.manifest, i))
+            raise DataError(f"{p}: corrupt shard: {problems} — dataset '{ds.name}'; run `hymoe "
+                            f"data verify {ds.path}`, or set data.on_corrupt=skip to skip it")
+
+
+def build_stream(cfg, seq_len: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, total_tokens: int | None = None,
+                 tokenizer_fingerprint: str | None = None) -> PackedStream:
+    """The stream a `DataConfig` describes (what the trainer calls)."""
+    cfg.validate()
+    return PackedStream(
+        blend_from_config(cfg, total_tokens), seq_len, micro_batch, dp_rank, dp_size, seed,
+        tokenizer_fingerprint, num_streams=cfg.num_streams, num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor, on_corrupt=cfg.on_corrupt,
+        eod_mask_loss=cfg.eod_mask_loss)

@@ -19,8 +19,9 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 from hymoe.data.errors import DataError
-from hymoe.data.shards import DTYPES, decode_documents, sha256_bytes
+from hymoe.data.shards import DTYPES, iter_members, member_name, sha256_bytes
 
 MANIFEST_FILE = "manifest.json"
 VERSION = 1
@@ -116,19 +117,54 @@ def first_keys(m: dict) -> list[int]:
     return out
 
 
-def read_shard(directory: Path, m: dict, index: int) -> bytes:
-    """The bytes of shard `index`, checked against the manifest's size and sha256."""
-    s = m["shards"][index]
-    p = Path(directory) / s["name"]
-    if not p.is_file():
-        raise DataError(f"{p}: shard missing; re-run `hymoe data prepare` or restore the file")
-    data = p.read_bytes()
-    if len(data) != s["bytes"] or sha256_bytes(data) != s["sha256"]:
-        raise DataError(
-            f"{p}: shard is corrupted (size or sha256 differs from the manifest); "
-            f"run `hymoe data verify {directory}` and re-run `hymoe data prepare`"
-        )
-    return data
+def shard_problems(data: bytes | memoryview, m: dict, index: int) -> list[str]:
+    """What is wrong with shard `index`'s bytes `data` against the manifest `m`; [] if nothing.
+
+    Each line names the sample (`000000042`, the document's global key) where the damage is
+    known: a damaged tar header or a truncation is located by the strict tar walk, a token id
+    outside the vocabulary by its sample. Garbage inside a payload that keeps ids in range is only
+    visible to the shard's sha256 (tar has no per-member checksum), so then the line names the
+    range of samples the shard holds.
+    """
+    s, first = m["shards"][index], first_keys(m)[index]
+    name, dtype, vocab = s["name"], m["dtype"], m["tokenizer"]["vocab_size"]
+    problems: list[str] = []
+    if len(data) != s["bytes"]:
+        problems.append(f"size is {len(data)} bytes, manifest says {s['bytes']}")
+    digest = sha256_bytes(data)
+    hash_ok = digest == s["sha256"]
+    if not hash_ok:
+        problems.append(f"sha256 is {digest[:16]}…, manifest says {s['sha256'][:16]}…")
+    docs: list = []
+    try:
+        for i, (member, offset, size) in enumerate(iter_members(data, name)):
+            key = member_name(first + i)
+            if member != key:
+                raise DataError(f"{name}: member {i} is {member!r}, expected {key!r}")
+            if size % DTYPES[dtype].itemsize:
+                raise DataError(f"{name}: member {member!r} has {size} bytes, not a multiple of "
+                                f"{dtype}")
+            docs.append(np.frombuffer(data, dtype=DTYPES[dtype], count=size // DTYPES[dtype].itemsize,
+                                      offset=offset))
+    except DataError as e:
+        where = (f"sample {member_name(first + len(docs))} (document {len(docs) + 1} of "
+                 f"{s['documents']})")
+        problems.append(f"unreadable at {where}: {str(e).removeprefix(name + ': ')}")
+        return problems
+    if len(docs) != s["documents"]:
+        problems.append(f"{len(docs)} samples, manifest says {s['documents']}")
+    tokens = sum(len(d) for d in docs)
+    if tokens != s["tokens"]:
+        problems.append(f"{tokens} tokens, manifest says {s['tokens']}")
+    bad = next((i for i, d in enumerate(docs) if len(d) and int(d.max()) >= vocab), None)
+    if bad is not None:
+        problems.append(f"token id {int(docs[bad].max())} in sample {member_name(first + bad)} is "
+                        f"outside the vocabulary ({vocab})")
+    if not hash_ok and len(problems) == 1 and s["documents"]:
+        problems.append(f"payload damage in one of samples {member_name(first)}…"
+                        f"{member_name(first + s['documents'] - 1)} (tar has no per-sample "
+                        "checksum; only the shard's sha256 differs)")
+    return problems
 
 
 def verify(path: str | Path) -> list[str]:
@@ -148,29 +184,10 @@ def verify(path: str | Path) -> list[str]:
         problems.append(f"{m['tokenizer']['file']}: missing")
     elif sha256_bytes(tok_file.read_bytes()) != m["tokenizer"]["fingerprint"]:
         problems.append(f"{m['tokenizer']['file']}: sha256 does not match tokenizer.fingerprint")
-    for s, first in zip(m["shards"], first_keys(m)):
-        name, p = s["name"], directory / s["name"]
+    for i, s in enumerate(m["shards"]):
+        p = directory / s["name"]
         if not p.is_file():
-            problems.append(f"{name}: missing")
+            problems.append(f"{s['name']}: missing")
             continue
-        data = p.read_bytes()
-        if len(data) != s["bytes"]:
-            problems.append(f"{name}: size is {len(data)} bytes, manifest says {s['bytes']}")
-        digest = sha256_bytes(data)
-        if digest != s["sha256"]:
-            problems.append(f"{name}: sha256 is {digest[:16]}…, manifest says {s['sha256'][:16]}…")
-        try:
-            docs = decode_documents(data, m["dtype"], first, name)
-        except DataError as e:
-            problems.append(f"{name}: unreadable ({str(e).removeprefix(name + ': ')})")
-            continue
-        if len(docs) != s["documents"]:
-            problems.append(f"{name}: {len(docs)} samples, manifest says {s['documents']}")
-        tokens = sum(len(d) for d in docs)
-        if tokens != s["tokens"]:
-            problems.append(f"{name}: {tokens} tokens, manifest says {s['tokens']}")
-        top = max((int(d.max()) for d in docs if len(d)), default=0)
-        if top >= m["tokenizer"]["vocab_size"]:
-            problems.append(f"{name}: token id {top} is outside the vocabulary "
-                            f"({m['tokenizer']['vocab_size']})")
+        problems.extend(f"{s['name']}: {line}" for line in shard_problems(p.read_bytes(), m, i))
     return problems

@@ -281,19 +281,66 @@ def prepare(
 
     if not state["shards"]:
         raise DataError(f"inputs {list(inputs)} hold no non-empty documents")
-    shards = state["shards"]
-    manifest = {
+    manifest = _manifest(state["shards"], state["tokenizer_fingerprint"], vocab, eod, dtype, job)
+    write_manifest(out, manifest)
+    (out / STATE_FILE).unlink()
+    return manifest
+
+
+def _manifest(shards: list[dict], fp: str, vocab: int, eod: int, dtype: str, job: str) -> dict:
+    return {
         "version": VERSION,
-        "tokenizer": {"fingerprint": state["tokenizer_fingerprint"], "vocab_size": vocab,
-                      "eod_id": eod, "file": tk.TOKENIZER_FILE},
+        "tokenizer": {"fingerprint": fp, "vocab_size": vocab, "eod_id": eod,
+                      "file": tk.TOKENIZER_FILE},
         "dtype": dtype,
         "shards": shards,
         "totals": {"shards": len(shards), **{k: sum(s[k] for s in shards)
                                             for k in ("documents", "tokens", "bytes")}},
         "job": job,
     }
+
+
+def write_tokenized(docs: Iterable[np.ndarray], output: str | Path, tokenizer: str | Path,
+                    shard_tokens: int = 1_000_000) -> dict:
+    """Shards + manifest from documents that are already token ids (1-D integer arrays, no EOD).
+
+    For corpora tokenized elsewhere (e.g. read out of a Megatron .bin/.idx pair), tests and
+    benchmarks. `tokenizer` is the tokenizer.json the ids come from (copied into `output`); ids
+    must be below its vocabulary size. `output` must not hold a dataset yet.
+    """
+    out = Path(output)
+    if (out / MANIFEST_FILE).exists() or any(out.glob("shard-*.tar")):
+        raise DataError(f"{out} already holds a prepared dataset; pass a new output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tok_out = out / tk.TOKENIZER_FILE
+    if Path(tk.tokenizer_file(tokenizer)).resolve() != tok_out.resolve():
+        shutil.copyfile(tk.tokenizer_file(tokenizer), tok_out)
+    tok = tk.load_tokenizer(tok_out)
+    vocab, eod = tk.vocab_size(tok), tk.eod_id(tok)
+    dtype = dtype_for_vocab(vocab)
+    shards: list[dict] = []
+    pending: list[np.ndarray] = []
+    n_docs = pending_tokens = 0
+    h = hashlib.sha256()
+    for doc in docs:
+        doc = np.asarray(doc)
+        if doc.ndim != 1 or (len(doc) and (doc.min() < 0 or doc.max() >= vocab)):
+            raise DataError(f"document {n_docs + len(pending)}: must be 1-D token ids in "
+                            f"[0, {vocab})")
+        pending.append(doc)
+        pending_tokens += len(doc)
+        if pending_tokens >= shard_tokens:
+            shards.append(write_shard(out / shard_name(len(shards)), n_docs, pending, dtype))
+            n_docs += len(pending)
+            pending, pending_tokens = [], 0
+    if pending:
+        shards.append(write_shard(out / shard_name(len(shards)), n_docs, pending, dtype))
+    if not shards:
+        raise DataError("write_tokenized: no documents given")
+    for s in shards:
+        h.update(s["sha256"].encode())
+    manifest = _manifest(shards, tk.fingerprint(tok_out), vocab, eod, dtype, h.hexdigest())
     write_manifest(out, manifest)
-    (out / STATE_FILE).unlink()
     return manifest
 
 

@@ -105,6 +105,13 @@ def cmd_train(argv: list[str]) -> int:
             Trainer(cfg).train()
     except ConfigError as e:
         _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - known failure kinds become one line, exit 1
+        from hymoe.data import DataError
+        from hymoe.train.checkpoint import CheckpointError
+
+        if isinstance(e, (CheckpointError, DataError, FloatingPointError)):
+            _fail(f"{type(e).__name__}: {e}", 1)
+        raise
     return 0
 
 

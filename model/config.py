@@ -36,6 +36,9 @@ class ModelConfig:
     mamba_state_dim: int = 16
     mamba_num_groups: int = 2
     mamba_chunk_size: int = 16
+    # Lower clamp on dt after softplus. 0: none, as megatron-core (and Nemotron 3 training). HF
+    # nemotron_h clamps at its time_step_min in prefill; hymoe.model.from_hf sets this to match.
+    mamba_dt_min_clamp: float = 0.0
     # MoE ("E" layers): sigmoid router, normalised top-k, expert-bias balancing, shared expert.
     num_experts: int = 4
     moe_router_topk: int = 2
@@ -45,6 +48,9 @@ class ModelConfig:
     moe_router_enable_expert_bias: bool = True
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 1e-4
+    # LatentMoE (Nemotron 3 Super/Ultra): routed experts, dispatch and combine at this width;
+    # router and shared expert stay at hidden_size. null: plain MoE.
+    moe_latent_size: Optional[int] = None
     untie_embeddings_and_output_weights: bool = True
 
     def validate(self) -> None:
@@ -77,6 +83,11 @@ class ModelConfig:
                 0 < self.moe_router_topk <= self.num_experts,
                 "moe_router_topk",
                 f"{self.moe_router_topk} must be in 1..num_experts={self.num_experts}",
+            )
+            need(
+                self.moe_latent_size is None or self.moe_latent_size > 0,
+                "moe_latent_size",
+                f"must be positive or null, got {self.moe_latent_size}",
             )
         need(
             self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be positive or null"
@@ -130,5 +141,6 @@ class ModelConfig:
                 moe_aux_loss_coeff=self.moe_aux_loss_coeff,
                 moe_router_dtype="fp32",
                 moe_grouped_gemm=False,
+                moe_latent_size=self.moe_latent_size,
             )
         return kw

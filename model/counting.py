@@ -28,7 +28,11 @@ def layer_params(cfg: ModelConfig, symbol: str, active: bool = False) -> int:
     if symbol == MOE:
         experts = cfg.moe_router_topk if active else cfg.num_experts
         shared = 2 * h * (cfg.moe_shared_expert_intermediate_size or 0)
-        return h + cfg.num_experts * h + experts * 2 * h * cfg.moe_ffn_hidden_size + shared
+        # LatentMoE: routed experts at the latent width, plus the d→ℓ and ℓ→d projections.
+        width = cfg.moe_latent_size or h
+        latent = 2 * h * cfg.moe_latent_size if cfg.moe_latent_size else 0
+        router = cfg.num_experts * h
+        return h + router + experts * 2 * width * cfg.moe_ffn_hidden_size + shared + latent
     raise ValueError(symbol)
 
 

@@ -3,11 +3,14 @@ Transformer Engine or apex (megatron-core's own ``mamba_stack_spec`` hard-wires 
 
 One spec per layer symbol of the pattern language (``hymoe.model.pattern``):
 ``M`` → MambaLayer(norm, Mamba-2 mixer), ``*`` → TransformerLayer(norm, self-attention, no MLP),
-``-`` → MLPLayer(norm, dense MLP), ``E`` → MoETransformerLayer(norm, MoE with shared expert).
+``-`` → MLPLayer(norm, dense MLP), ``E`` → MoETransformerLayer(norm, MoE with shared expert; a
+LatentMoE when ``config.moe_latent_size`` is set, see ``hymoe.model.latent_moe``).
 Linear layers come from ``linear``, so the precision layer can substitute quantized ones.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
@@ -21,11 +24,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
-    MoETransformerLayer,
     TransformerLayer,
     TransformerLayerSubmodules,
 )
 
+from hymoe.model.latent_moe import HybridMoETransformerLayer, LatentMoELayer
 from hymoe.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from hymoe.model.norm import RMSNorm
 
@@ -69,11 +72,15 @@ def hybrid_stack_submodules(num_experts: int | None) -> MambaStackSubmodules:
     moe = None
     if num_experts:
         moe = ModuleSpec(
-            module=MoETransformerLayer,
+            module=HybridMoETransformerLayer,
             submodules=TransformerLayerSubmodules(
                 pre_mlp_layernorm=RMSNorm,
                 # SequentialMLP experts: grouped GEMM needs TE or the grouped_gemm package.
-                mlp=get_moe_module_spec_for_backend(backend, num_experts, moe_grouped_gemm=False),
+                # LatentMoELayer is megatron-core's MoELayer when moe_latent_size is None.
+                mlp=replace(
+                    get_moe_module_spec_for_backend(backend, num_experts, moe_grouped_gemm=False),
+                    module=LatentMoELayer,
+                ),
                 mlp_bda=get_bias_dropout_add,
             ),
         )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +52,17 @@ _RTN_BOUNDARIES = (0.25, _down(0.75), 1.25, _down(1.75), 2.5, _down(3.5), 5.0)
 
 
 def _magnitude_index(mag: torch.Tensor) -> torch.Tensor:
-    """float32 magnitudes in [0, 6] -> E2M1 magnitude index 0..7 (uint8), round to nearest even."""
-    # Seven compare-and-add passes over uint8 are ~4x faster on CPU than torch.bucketize.
+    """float32 magnitudes in [0, 6] -> E2M1 magnitude index 0..7, round to nearest even.
+
+    uint8 in eager mode: seven compare-and-add passes over uint8 are ~4x faster on CPU than
+    torch.bucketize. Under torch.compile float32 (exact small integers): inductor vectorises uint8
+    masks poorly (~7x slower than float), and the caller converts once at the end.
+    """
+    if torch.compiler.is_compiling():
+        idx = (mag > _RTN_BOUNDARIES[0]).to(torch.float32)
+        for b in _RTN_BOUNDARIES[1:]:
+            idx = idx + (mag > b).to(torch.float32)
+        return idx
     idx = (mag > _RTN_BOUNDARIES[0]).view(torch.uint8)
     for b in _RTN_BOUNDARIES[1:]:
         idx += (mag > b).view(torch.uint8)
@@ -61,6 +72,32 @@ def _magnitude_index(mag: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _value_table(device: torch.device) -> torch.Tensor:
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the two E2M1 values of a packed byte (low nibble, high nibble)."""
+    vals = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    return torch.stack((vals.repeat(16), vals.repeat_interleave(16)), dim=-1).to(device)
+
+
+def _round_e2m1(q: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """Codes of q (float32, clamped to [-6, 6]): RTN, or stochastic with uniforms u (q's shape).
+
+    uint8 codes in eager mode, float32-valued codes under torch.compile (see `_magnitude_index`).
+    """
+    mag = q.abs()
+    if u is not None:
+        # Grid spacing around |q|: 0.5 below 2, 1 in [2, 4), 2 in [4, 6]. Powers of two, so the
+        # division, floor, products and difference below are all exact in float32.
+        step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+        lo = torch.floor(mag / step) * step
+        # u·step < |q| - lo  <=>  u < p; exactly on the grid (|q| = lo) it never rounds up.
+        mag = lo + step * (u * step < mag - lo)
+    idx = _magnitude_index(mag)
+    if torch.compiler.is_compiling():
+        return idx + (q < 0).to(torch.float32) * 8
+    return idx.add_((q < 0).view(torch.uint8), alpha=8)
 
 
 def cast_to_e2m1(
@@ -74,21 +111,19 @@ def cast_to_e2m1(
     element, drawn in q's row-major order. The sign is q's: -0.0 gives code 0, a small negative that
     rounds to zero gives code 8 (negative zero), as in TE.
     """
-    mag = q.abs()
-    if stochastic:
-        # Grid spacing around |q|: 0.5 below 2, 1 in [2, 4), 2 in [4, 6]. Powers of two, so the
-        # division, floor, products and difference below are all exact in float32.
-        step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
-        lo = torch.floor(mag / step).mul_(step)
-        u = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float32)
-        # u·step < |q| - lo  <=>  u < p; exactly on the grid (|q| = lo) it never rounds up.
-        mag = lo.add_(step * (u.mul_(step) < mag - lo))
-    idx = _magnitude_index(mag)
-    return idx.add_((q < 0).view(torch.uint8), alpha=8)
+    u = _uniforms(q.shape, generator, q.device) if stochastic else None
+    return _round_e2m1(q, u)
+
+
+def _uniforms(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [..., 2n] -> uint8 bytes [..., n]; element 2i low nibble, 2i+1 high nibble."""
+    if torch.compiler.is_compiling():  # float32-valued codes (see `_round_e2m1`): one cast
+        pairs = codes.unflatten(-1, (-1, 2))
+        return (pairs[..., 0] + pairs[..., 1] * 16).to(torch.uint8)
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
@@ -100,6 +135,12 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes -> float32 values (same shape)."""
     return _value_table(codes.device)[codes.long()]
+
+
+def packed_to_float(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes [..., n] -> float32 values [..., 2n]: one table look-up per byte."""
+    table = _byte_table(packed.device)
+    return table.index_select(0, packed.reshape(-1).int()).view(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
 @functools.cache
@@ -136,6 +177,16 @@ def global_encode_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
+def global_decode_scale(amax: torch.Tensor) -> torch.Tensor:
+    """D = 1/S, float32 0-dim."""
+    return torch.div(1.0, global_encode_scale(amax))
+
+
+def block_multiplier(scale: torch.Tensor, decode: torch.Tensor) -> torch.Tensor:
+    """m = 1/(float(s8)·D) per block, float32, capped at the FP32 max (s8 = 0 gives the cap)."""
+    return torch.div(1.0, scale.to(torch.float32) * decode).clamp(max=FP32_MAX)
+
+
 @dataclasses.dataclass
 class NVFP4Tensor:
     """An NVFP4-quantized tensor (see the module docstring for layouts).
@@ -156,20 +207,25 @@ class NVFP4Tensor:
     @property
     def decode_scale(self) -> torch.Tensor:
         """D = 1/S, float32 0-dim."""
-        return torch.div(1.0, global_encode_scale(self.global_amax))
+        return global_decode_scale(self.global_amax)
 
     def codes(self) -> torch.Tensor:
         """Unpacked E2M1 codes, uint8 [..., Kp] (padded like `data`)."""
         return unpack_e2m1(self.data)
 
+    def block_scales(self) -> torch.Tensor:
+        """float(s8) per 16-element block along the last dim, float32 [..., Kp/16] (2D tiles
+        repeated on their 16 rows)."""
+        s = self.scale.to(torch.float32)
+        return s.repeat_interleave(BLOCK, dim=0) if self.two_d else s
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x̂ = value(code)·float(scale)·D in float32, cast to `dtype`; the original shape."""
-        vals = e2m1_to_float(self.codes())  # [..., Kp]
-        s = self.scale.to(torch.float32)
-        if self.two_d:
-            s = s.repeat_interleave(BLOCK, dim=0)  # [Mp, Kp/16]
-        vals = (vals.unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2) * self.decode_scale
-        vals = vals[tuple(slice(0, n) for n in self.shape)]
+        data, scale = self.data, self.scale
+        if not self.two_d:  # 2-D for the kernels (see `quantize`)
+            data, scale = data.reshape(-1, data.shape[-1]), scale.reshape(-1, scale.shape[-1])
+        vals = _kernel("dequantize", data, self.two_d)(data, scale, self.global_amax, self.two_d)
+        vals = vals.view(*self.data.shape[:-1], -1)[tuple(slice(0, n) for n in self.shape)]
         return vals.to(dtype)
 
 
@@ -200,40 +256,127 @@ def quantize(
     if two_d and x.dim() != 2:
         raise ValueError(f"2D (16x16) quantization needs a 2-D tensor, got shape {tuple(x.shape)}")
     shape = x.shape
-    if rht:
+    if rht:  # eager, in x's dtype, as TE's reference does (a compiled GEMM may sum differently)
         x = rht_transform(x)
     xf = _pad_to(x.to(torch.float32).contiguous(), -1, BLOCK)
     if two_d:
         xf = _pad_to(xf, 0, BLOCK)
+    # Uniforms are drawn here, outside any compiled code, one per padded element in row-major
+    # order, so the compiled and eager paths consume the generator identically.
+    u = _uniforms(xf.shape, generator, xf.device) if stochastic else None
+    # The kernels see 2-D [rows, Kp] tensors (one compiled graph for every rank of x).
+    kp = xf.shape[-1]
+    xf2, u2 = xf.view(-1, kp), (u.view(-1, kp) if u is not None else None)
+    data, scale, global_amax = _kernel("quantize", xf2, two_d, stochastic)(xf2, u2, two_d)
+    if not two_d:
+        data, scale = data.view(*xf.shape[:-1], -1), scale.view(*xf.shape[:-1], -1)
+    return NVFP4Tensor(data, scale, global_amax, shape, two_d=two_d, rht=rht)
+
+
+def _quantize_padded(xf: torch.Tensor, u: torch.Tensor | None, two_d: bool):
+    """The quantizer proper, on a zero-padded float32 tensor xf [..., Kp] ([Mp, Kp] for 2D) and
+    optional uniforms u (xf's shape) -> (packed codes, E4M3 scales, global amax). Written to run
+    both eagerly and under torch.compile with identical results (tests/test_precision_compiled.py).
+    """
+    if two_d:
         mp, kp = xf.shape
-        tiles = xf.view(mp // BLOCK, BLOCK, kp // BLOCK, BLOCK)
-        block_amax = tiles.abs().amax(dim=(1, 3))  # [Mp/16, Kp/16]
+        blocks = xf.view(mp // BLOCK, BLOCK, kp // BLOCK, BLOCK)
+        block_amax = blocks.abs().amax(dim=(1, 3))  # [Mp/16, Kp/16]
     else:
         blocks = xf.unflatten(-1, (-1, BLOCK))
         block_amax = blocks.abs().amax(dim=-1)  # [..., Kp/16]
     # max over block amaxes == max |x| (padding is zeros); an empty tensor has amax 0.
     global_amax = block_amax.amax() if block_amax.numel() else xf.new_zeros(())
-
     s_enc = global_encode_scale(global_amax)
     s_dec = torch.div(1.0, s_enc)
     # TE's order: fold 1/6 into the global scale first, then multiply by the block amax.
     s = (block_amax * (s_enc * RCP_FP4_MAX)).clamp(max=FP32_MAX)
     scale = s.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # RNE cast
     # Multiplier m = 1/(s8·D), capped so that an all-zero block (s8 = 0) gives 0·FP32_MAX = 0.
-    mult = torch.div(1.0, scale.to(torch.float32) * s_dec).clamp(max=FP32_MAX)
-
+    mult = block_multiplier(scale, s_dec)
     if two_d:
-        q = tiles * mult[:, None, :, None]
-        q = q.view(mp, kp)
+        q = (blocks * mult[:, None, :, None]).view(xf.shape)
     else:
         q = (blocks * mult.unsqueeze(-1)).flatten(-2)
-    q = q.clamp_(-FP4_MAX, FP4_MAX)
-    codes = cast_to_e2m1(q, stochastic=stochastic, generator=generator)
-    return NVFP4Tensor(
-        data=pack_e2m1(codes),
-        scale=scale,
-        global_amax=global_amax.to(torch.float32),
-        shape=shape,
-        two_d=two_d,
-        rht=rht,
-    )
+    codes = _round_e2m1(q.clamp(-FP4_MAX, FP4_MAX), u)
+    return pack_e2m1(codes), scale, global_amax
+
+
+def _dequantize_packed(data, scale, global_amax, two_d: bool) -> torch.Tensor:
+    """value(code)·float(s8)·D, float32 [..., Kp] ([Mp, Kp] for 2D), padding included."""
+    s = scale.to(torch.float32)
+    if two_d:
+        s = s.repeat_interleave(BLOCK, dim=0)  # [Mp, Kp/16]
+    decode = global_decode_scale(global_amax)
+    if not torch.compiler.is_compiling():
+        vals = packed_to_float(data)  # one int32 look-up per byte: ~3x faster than per code
+        # (value·s8)·D, in this order: value·s8 is exact, so one rounding in all.
+        return (vals.unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2) * decode
+    # Compiled: the same products on magnitudes, then the code's sign bit set with integer ops.
+    # Inductor compiles with -fno-signed-zeros, which would turn code 8's -0.0 into +0.0; the
+    # magnitudes are rounded exactly as the signed values (round-to-nearest-even is symmetric).
+    codes = unpack_e2m1(data)
+    mags = _value_table(data.device)[(codes & 7).long()]
+    vals = (mags.unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2) * decode
+    sign = (codes >> 3).to(torch.int32) << 31
+    return (vals.view(torch.int32) | sign).view(torch.float32)
+
+
+# -- compiled CPU kernels ------------------------------------------------------------------------
+# torch.compile (inductor's C++ backend, gcc) fuses the ~25 eager passes of `_quantize_padded` into
+# two loops: ~5x faster quantize and ~5-10x faster dequantize on CPU (benchmarks/quantize.py). The
+# bits are the same (inductor keeps IEEE division, no FMA contraction, no reassociation; checked by
+# tests/test_precision_compiled.py). It costs a compile of a few seconds per kernel variant and
+# process, so "auto" uses it only for tensors of at least COMPILE_MIN_NUMEL elements on CPU. CUDA
+# stays eager: inductor's Triton code is not yet checked bit for bit on a GPU.
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_MIN_NUMEL = 1 << 18
+_compile_mode = os.environ.get("HYMOE_NVFP4_COMPILE", "auto")
+_compiled: dict[tuple, object] = {}
+_EAGER = {"quantize": _quantize_padded, "dequantize": _dequantize_packed}
+
+
+def set_compile(mode: str) -> None:
+    """Compiled CPU kernels: "auto" (large CPU tensors), "on" (every CPU tensor) or "off"."""
+    global _compile_mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    _compile_mode = mode
+
+
+def _kernel(name: str, t: torch.Tensor, *variant):
+    """The eager kernel `name`, or its compiled version for this variant (static arguments such
+    as two_d and stochastic get one compiled graph each, so none recompiles another)."""
+    if (
+        _compile_mode == "off"
+        or t.device.type != "cpu"
+        or (_compile_mode == "auto" and t.numel() < COMPILE_MIN_NUMEL)
+        # At least 2 blocks along each dim: size-1 block counts would each recompile (dynamo
+        # specialises 0 and 1) and hit an inductor codegen bug for a single 2D tile.
+        or t.dim() != 2
+        or t.shape[0] < 2 * BLOCK
+        or t.shape[1] * (2 if t.dtype == torch.uint8 else 1) < 2 * BLOCK
+        or torch.compiler.is_compiling()
+    ):
+        return _EAGER[name]
+    key = (name, *variant)
+    fn = _compiled.get(key)
+    if fn is None:
+        fn = _compiled[key] = _try_compiled(name, key)
+    return fn
+
+
+def _try_compiled(name: str, key: tuple):
+    """torch.compile(dynamic=True) of the eager kernel, falling back to it (with one warning)
+    if compiling fails, e.g. without a C++ compiler."""
+    compiled = torch.compile(_EAGER[name], dynamic=True)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
+            warnings.warn(f"hymoe nvfp4: torch.compile of {name} failed ({e}); using eager")
+            _compiled[key] = _EAGER[name]
+            return _EAGER[name](*args)
+
+    return run

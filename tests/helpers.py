@@ -32,3 +32,10 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: int = 600, cwd=None)
             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def hymoe(*args: str, cwd=None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `hymoe` command as a user would (a fresh process), capturing its output."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "hymoe", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=full_env)

@@ -2,30 +2,13 @@
 design promises, bad input stops at start-up with one line naming the field, resume continues."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import hymoe
 
 BASE = ["train.steps=12", "optim.warmup_steps=2", "train.log_interval=4", "logging.progress=false",
         "train.global_batch=4", "train.micro_batch=2", "train.seq_len=64"]
 FAST = BASE + ["logging.wandb=disabled"]
-
-
-def hymoe(*args, cwd=None, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "hymoe", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "demo"
-    r = hymoe("data", "demo", "--output", str(out), "--vocab", "512", "--max-bytes", "400000")
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,8 @@ class Wandb(Callback):
 
 
 class Checkpointer(Callback):
-    """Save every ``interval`` steps and at the end (all ranks take part)."""
+    """Save every ``interval`` steps, at the end, and when asked to stop by a signal (all ranks
+    take part)."""
 
     def __init__(self, interval: int, save_final: bool):
         self.interval, self.save_final = interval, save_final
@@ -128,25 +129,34 @@ class Checkpointer(Callback):
             self.last_saved = m["step"]
 
     def on_train_end(self, trainer):
-        if self.save_final and self.last_saved != trainer.step and trainer.step > 0:
+        wanted = self.save_final or trainer.stop_signal is not None
+        # After a failure, other ranks may be gone: no collective save.
+        if wanted and not trainer.failed and self.last_saved != trainer.step and trainer.step > 0:
             trainer.save_checkpoint()
 
 
 class NaNGuard(Callback):
-    """Stop after ``patience`` consecutive non-finite losses, naming the step (megatron-core's
-    optimizer already skips updates with non-finite gradients)."""
+    """Stop after ``patience`` consecutive skipped steps (non-finite loss or grad norm; the step's
+    update was already skipped by ``guarded_optimizer_step``), naming the steps and the batches."""
 
     def __init__(self, patience: int = 3):
         self.patience = patience
-        self.bad = 0
+        self.bad: list[dict] = []
 
     def on_step_end(self, trainer, m):
-        if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
-            self.bad = 0
+        if not m["skipped"]:
+            self.bad = []
             return
-        self.bad += 1
-        if self.bad >= self.patience:
+        self.bad.append(m)
+        if trainer.is_logger:
+            trainer.console.print(
+                f"[yellow]step {m['step']} skipped: loss {m['loss']}, grad_norm {m['grad_norm']}, "
+                f"batch at data position {m.get('data_position')}"
+            )
+        if len(self.bad) >= self.patience:
+            steps = [b["step"] for b in self.bad]
             raise FloatingPointError(
-                f"loss/grad norm non-finite for {self.bad} steps in a row (last: step {m['step']}, "
-                f"loss {m['loss']}, grad_norm {m['grad_norm']}); lower optim.lr or check the data"
+                f"{len(self.bad)} steps in a row had a non-finite loss or grad norm (steps {steps}; "
+                f"first batch at data position {self.bad[0].get('data_position')}); lower optim.lr, "
+                "check the data at that position, or raise train.nan_patience"
             )

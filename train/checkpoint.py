@@ -11,19 +11,25 @@ Layout of a run's checkpoint folder::
 
 A checkpoint is written to ``step_XXXXXXXX.tmp`` and renamed when every rank has finished, and
 ``latest`` is replaced after that, so a crash mid-save never leaves a half checkpoint that
-``train.resume=auto`` would pick.
+``train.resume=auto`` would pick. ``hymoe.json`` records the size and sha256 of every file of the
+checkpoint; loading verifies them, so a corrupted or truncated file is an error naming the file, not
+a silently different model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+
+from hymoe.train import faults
 
 FORMAT_VERSION = 1
 
@@ -73,6 +79,58 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, newest first (``*.tmp`` leftovers are not complete)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "hymoe.json").exists()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_table(directory: Path) -> dict:
+    return {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "hymoe.json"
+    }
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Problems with a checkpoint folder (one line each, naming the file); [] when intact."""
+    path = Path(path)
+    meta_file = path / "hymoe.json"
+    if not meta_file.exists():
+        return [f"{path}: incomplete checkpoint (no hymoe.json)"]
+    try:
+        files = json.loads(meta_file.read_text()).get("files")
+    except json.JSONDecodeError as e:
+        return [f"{meta_file}: unreadable ({e.msg})"]
+    if files is None:
+        return [f"{meta_file}: no file table (written by an older hymoe?)"]
+    problems = []
+    for rel, want in files.items():
+        f = path / rel
+        if not f.exists():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != want["bytes"]:
+            problems.append(f"{f}: {f.stat().st_size} bytes, expected {want['bytes']} (truncated?)")
+        elif _sha256(f) != want["sha256"]:
+            problems.append(f"{f}: sha256 mismatch (corrupted)")
+    return problems
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under ``root`` per the ``latest`` marker, or None."""
     marker = Path(root, "latest")
@@ -87,7 +145,8 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return path
 
 
-def save(root, step: int, chunks, optimizer, scheduler, extra: dict) -> Path:
+def save(root, step: int, chunks, optimizer, scheduler, extra: dict, keep_last: int = 0,
+         keep_every: int = 0) -> Path:
     """Save model, optimizer, scheduler and ``extra`` (JSON: step, tokens, data state, config)."""
     root = Path(root)
     final = root / step_dir_name(step)
@@ -113,8 +172,11 @@ def save(root, step: int, chunks, optimizer, scheduler, extra: dict) -> Path:
         rng["sr_rng"] = sr.state_dict()
     torch.save(rng, tmp / f"rng_rank{rank:05d}.pt")
     dist.barrier()
+    if faults.due("kill_in_save", step):
+        faults.kill_self()
     if rank == 0:
         meta = dict(extra, step=step, format_version=FORMAT_VERSION, world_size=dist.get_world_size())
+        meta["files"] = _file_table(tmp)
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()
         (tmp / "hymoe.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -124,23 +186,56 @@ def save(root, step: int, chunks, optimizer, scheduler, extra: dict) -> Path:
         marker_tmp = root / "latest.tmp"
         marker_tmp.write_text(final.name)
         os.replace(marker_tmp, root / "latest")
+        _prune(root, keep_last, keep_every)
     dist.barrier()
     return final
 
 
-def load(path, chunks, optimizer, scheduler) -> dict:
-    """Load everything saved by :func:`save` into the given (already built) objects; return meta."""
+def _prune(root: Path, keep_last: int, keep_every: int) -> None:
+    """Delete complete checkpoints beyond the newest ``keep_last`` (0: keep all), except every
+    ``keep_every``-th step; the one ``latest`` names is always kept."""
+    if keep_last <= 0:
+        return
+    for i, path in enumerate(complete_checkpoints(root)):
+        step = int(_STEP_DIR.match(path.name).group(1))
+        if i < keep_last or (keep_every and step % keep_every == 0):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """Adam's state tensors exist only after a first step. megatron-core creates them before a
+    load for its plain optimizers but not for the distributed one, whose sharded state dict then
+    has nothing to load into; create them (zeros) here."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and opt.init_state_fn and not opt.optimizer.state:
+            opt.init_state_fn(opt.optimizer, opt.config)
+
+
+def load(path, chunks, optimizer, scheduler, verify_files: bool = True) -> dict:
+    """Load everything saved by :func:`save` into the given (already built) objects; return meta.
+    With ``verify_files`` every file is checked against the checksums first (rank 0 reads them
+    all; every rank learns the verdict)."""
     path = Path(path)
     meta_file = path / "hymoe.json"
     if not meta_file.exists():
         raise CheckpointError(f"{path}: incomplete checkpoint (no hymoe.json)")
+    if verify_files:
+        verdict = [verify(path) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise CheckpointError(
+                f"{verdict[0][0]}" + (f" (+{len(verdict[0]) - 1} more)" if len(verdict[0]) > 1 else "")
+                + f"; checkpoint {path.name} is damaged: set checkpoint.fallback=true to resume from "
+                "the previous one, or remove it"
+            )
     meta = json.loads(meta_file.read_text())
     model_sd = _model_sharded_state_dict(chunks)
     state = {"model": model_sd}
     if optimizer is not None:
-        # The optimizer's state tensors exist only after a first step; create them (zero) so the
-        # sharded state dict has tensors to load into.
-        optimizer.init_state_fn(optimizer.optimizer) if hasattr(optimizer, "init_state_fn") else None
+        _init_distributed_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
         )

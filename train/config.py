@@ -44,6 +44,8 @@ class TrainConfig:
     resume: str = "auto"
     # Print a console line every this many steps (metrics.jsonl gets every step).
     log_interval: int = 1
+    # Stop after this many steps in a row were skipped for a non-finite loss or grad norm.
+    nan_patience: int = 3
     # Stop (after saving a checkpoint) once this step is done, keeping the schedule of
     # train.steps — for time-limited jobs that resume later (megatron's --exit-interval).
     exit_at_step: Optional[int] = None
@@ -56,6 +58,13 @@ class CheckpointConfig:
     # Save every N steps (0: only at the end).
     interval: int = 0
     save_final: bool = True
+    # Keep the newest K checkpoints (0: keep all), plus every M-th step if keep_every > 0.
+    keep_last: int = 3
+    keep_every: int = 0
+    # Check every file of a checkpoint against its sha256 before loading.
+    verify: bool = True
+    # If the newest checkpoint is damaged, resume from the newest intact one instead of stopping.
+    fallback: bool = False
 
 
 @dataclass
@@ -128,6 +137,9 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
         raise ConfigError(
             f"logging.wandb: must be offline, online or disabled, got {cfg.logging.wandb!r}"
         )
-    if cfg.checkpoint.interval < 0:
-        raise ConfigError(f"checkpoint.interval: must be ≥ 0, got {cfg.checkpoint.interval}")
+    for name in ("interval", "keep_last", "keep_every"):
+        if getattr(cfg.checkpoint, name) < 0:
+            raise ConfigError(f"checkpoint.{name}: must be ≥ 0, got {getattr(cfg.checkpoint, name)}")
+    if t.nan_patience < 1:
+        fail("nan_patience", f"must be ≥ 1, got {t.nan_patience}")
     return dp

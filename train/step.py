@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
+import math
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from hymoe.train import faults
 
 
 @dataclass
@@ -26,9 +31,11 @@ class StepResult:
     skipped: bool  # the optimizer refused the update (non-finite grads)
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, poison: bool = False):
     """output_tensor: per-token loss [b, s] from the model; loss_mask float [b, s]."""
     losses = output_tensor.float().reshape(-1)
+    if poison:
+        losses = losses * float("nan")
     mask = loss_mask.float().reshape(-1)
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
@@ -36,7 +43,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
-def forward_step(data_iterator: Iterator[dict], model):
+def forward_step(data_iterator: Iterator[dict], model, poison: bool = False):
     """megatron-core forward_step_func: every stage reads the same batch stream (the first stage
     needs tokens, the last needs labels and the mask)."""
     batch = next(data_iterator)
@@ -45,7 +52,7 @@ def forward_step(data_iterator: Iterator[dict], model):
     labels = batch["labels"].to(dev, non_blocking=True)
     loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
     output = model(tokens, None, None, labels=labels)
-    return output, partial(_loss_func, loss_mask)
+    return output, partial(_loss_func, loss_mask, poison=poison)
 
 
 def _reduce_loss(losses: list[dict]) -> tuple[float, int]:
@@ -65,6 +72,24 @@ def _reduce_loss(losses: list[dict]) -> tuple[float, int]:
     return loss_sum / max(tokens, 1.0), int(tokens)
 
 
+def guarded_optimizer_step(optimizer, loss: float) -> tuple[bool, float]:
+    """megatron-core's optimizer step, except that a non-finite loss or gradient norm skips the
+    update (megatron-core skips only on fp16 loss-scale overflow; with bf16/fp32 a NaN would be
+    applied). All ranks agree: the loss and the norm are already reduced over the job."""
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm() or 0.0)
+    if found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
 def train_step(
     model_chunks: list,
     optimizer,
@@ -73,13 +98,15 @@ def train_step(
     num_microbatches: int,
     seq_len: int,
     micro_batch: int,
+    step: int = 0,
 ) -> StepResult:
-    """Zero grads, run ``num_microbatches`` forward/backward passes, clip, step, advance the LR."""
+    """Zero grads, run ``num_microbatches`` forward/backward passes, clip, step, advance the LR.
+    ``step`` (1-based, the step being taken) only matters for fault injection."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=partial(forward_step, poison=faults.due("nan_loss", step)),
         data_iterator=data_iterator,
         model=model_chunks,
         num_microbatches=num_microbatches,
@@ -87,10 +114,8 @@ def train_step(
         micro_batch_size=micro_batch,
         forward_only=False,
     )
-    ok, grad_norm, _ = optimizer.step()
+    loss, tokens = _reduce_loss(losses)
+    ok, grad_norm = guarded_optimizer_step(optimizer, loss)
     if ok and scheduler is not None:
         scheduler.step(increment=1)
-    loss, tokens = _reduce_loss(losses)
-    return StepResult(
-        loss=loss, tokens=tokens, grad_norm=float(grad_norm or 0.0), skipped=not ok
-    )
+    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok)

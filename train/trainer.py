@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import platform
+import signal
 import time
 from pathlib import Path
 
@@ -68,7 +71,11 @@ class Trainer:
             self.console.print(to_yaml(cfg), markup=False)
         self.step = 0
         self.tokens = 0
+        self.failed = False
+        self.stop_signal: int | None = None
         self._setup()
+        if self.is_logger:
+            (self.run_dir / "env.json").write_text(json.dumps(environment(self), indent=1))
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self):
@@ -130,12 +137,12 @@ class Trainer:
             ConsoleProgress(cfg.train.log_interval, cfg.logging.progress),
             Wandb(cfg.logging.wandb, cfg.logging.wandb_project, self.run_dir, cfg.run.name,
                   {"recipe": cfg.recipe}),
-            NaNGuard(),
+            NaNGuard(cfg.train.nan_patience),
             Checkpointer(cfg.checkpoint.interval, cfg.checkpoint.save_final),
         ]
 
     def _resume(self):
-        mode = self.cfg.train.resume
+        mode, cc = self.cfg.train.resume, self.cfg.checkpoint
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         if latest is None:
             if mode == "required":
@@ -148,10 +155,20 @@ class Trainer:
                 f"train.resume: never, but {self.ckpt_dir} already holds checkpoints "
                 f"(newest {latest.name}); use train.resume=auto or another run.dir"
             )
-        meta = ckpt.load(latest, self.chunks, self.optimizer, self.scheduler)
+        # The marker's checkpoint first; with checkpoint.fallback, older intact ones after it.
+        candidates = [latest] + [p for p in ckpt.complete_checkpoints(self.ckpt_dir) if p.name < latest.name]
+        for i, path in enumerate(candidates):
+            try:
+                meta = ckpt.load(path, self.chunks, self.optimizer, self.scheduler, cc.verify)
+                break
+            except ckpt.CheckpointError as e:
+                if not cc.fallback or i == len(candidates) - 1:
+                    raise
+                if self.is_logger:
+                    self.console.print(f"[yellow]{e}\n falling back to an older checkpoint")
         if meta.get("pattern") != self.cfg.model.pattern:
             raise ckpt.CheckpointError(
-                f"{latest}: saved for model.pattern={meta.get('pattern')!r}, "
+                f"{path}: saved for model.pattern={meta.get('pattern')!r}, "
                 f"this run has {self.cfg.model.pattern!r}"
             )
         self.step, self.tokens = meta["step"], meta["tokens"]
@@ -163,7 +180,7 @@ class Trainer:
                 f"[yellow]data order restarts: checkpoint dp={meta.get('dp_size')}, now dp={self.dp_size}"
             )
         if self.is_logger:
-            self.console.print(f"resumed from {latest} at step {self.step} ({self.tokens:,} tokens)")
+            self.console.print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
 
     # -- checkpoint ----------------------------------------------------------------------------
     def save_checkpoint(self):
@@ -174,24 +191,41 @@ class Trainer:
             self.ckpt_dir, self.step, self.chunks, self.optimizer, self.scheduler,
             {"tokens": self.tokens, "pattern": self.cfg.model.pattern, "dp_size": self.dp_size,
              "data_state": data_state, "recipe": self.cfg.recipe},
+            keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
         )
         if self.is_logger:
             self.console.print(f"saved checkpoint {path}")
 
     # -- loop ----------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        # Slurm sends SIGTERM (or --signal=USR1@T) before it kills a job: finish the step, save.
+        self.stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (all ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return flag.item() > 0
+
     def train(self) -> list[dict]:
         from hymoe.train.step import train_step
 
         cfg, history = self.cfg, []
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         for cb in self.callbacks:
             cb.on_train_start(self)
         try:
             stop = cfg.train.exit_at_step or cfg.train.steps
             while self.step < stop:
+                position = self.data.state_dict()
                 t0 = time.perf_counter()
                 r = train_step(
                     self.chunks, self.optimizer, self.scheduler, self.data, self.micro_per_step,
-                    cfg.train.seq_len, cfg.train.micro_batch,
+                    cfg.train.seq_len, cfg.train.micro_batch, step=self.step + 1,
                 )
                 dt = time.perf_counter() - t0
                 self.step += 1
@@ -201,13 +235,53 @@ class Trainer:
                     "tokens": self.tokens, "grad_norm": r.grad_norm, "skipped": r.skipped,
                     "step_time_s": dt, "tokens_per_s": cfg.train.global_batch * cfg.train.seq_len / dt,
                 }
+                if r.skipped:
+                    m["data_position"] = {k: position.get(k) for k in ("epoch", "cursor", "offset")}
                 history.append(m)
                 for cb in self.callbacks:
                     cb.on_step_end(self, m)
+                if self._stop_requested():
+                    if self.is_logger:
+                        self.console.print(
+                            f"stop requested (signal {signal.Signals(self.stop_signal).name}) after "
+                            f"step {self.step}: saving and exiting"
+                        )
+                    break
+        except BaseException:
+            self.failed = True
+            raise
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         return history
+
+
+def environment(trainer) -> dict:
+    """Versions, hardware and layout of this run (saved as env.json beside config.yaml)."""
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    cfg = trainer.cfg
+    return {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "host": platform.node(), "world_size": dist.get_world_size(),
+        "layout": {"dp": trainer.dp_size, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+                   "ep": cfg.parallel.ep, "cp": cfg.parallel.cp},
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cuda": torch.version.cuda, "cpu_layer_active": not torch.cuda.is_available(),
+        "packages": {p: version(p) for p in (
+            "hymoe", "torch", "megatron-core", "transformer-engine", "mamba-ssm",
+            "causal-conv1d", "hydra-core", "webdataset", "wandb", "tokenizers")},
+        "dtype": str(trainer.dtype).replace("torch.", ""),
+        "precision": cfg.precision.recipe,
+    }
 
 
 def _count_formats(report: list[tuple[str, str, str]]) -> dict:
