@@ -141,16 +141,16 @@ class PackedStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._live is None and self._pool is None:
-            self._start_workers()
-        rows = []
-        for j in range(self._j, self._j + self.micro_batch):
-            v = self._sched.stream(j)
-            if self._live is not None:
+        if self._live is not None:
+            rows = []
+            for j in range(self._j, self._j + self.micro_batch):
+                v = self._sched.stream(j)
                 rows.append(self._live[v].next_row(self.seq_len, self._sched.tokens_before(j)))
-            else:
-                row, d, self._states[v] = self._pool.get(j, self._sched.position(j) % self.workers)
-                rows.append((row, d))
+        else:
+            if self._pool is None:
+                self._start_workers()
+            rows, states = self._pool.get_batch(self._j // self.micro_batch)
+            self._states.update(states)
         self._j += self.micro_batch
         return self._assemble(rows)
 
@@ -162,38 +162,43 @@ class PackedStream:
                 "seed": self.seed, "on_corrupt": self.on_corrupt,
                 "schedule": (s.streams, s.position(self._j), s.tokens_before(self._j), s.seq_len,
                              s.micro_batch, s.dp_size)}
-        per_worker = -(-self.micro_batch // self.workers)
-        self._pool = WorkerPool(spec, self.workers, dict(self._states),
-                                self.prefetch_factor * per_worker)
+        self._pool = WorkerPool(spec, self.workers, dict(self._states), self.prefetch_factor)
         # The workers count rows from here; so does the consumer.
         self._sched = RowSchedule(*spec["schedule"])
         self._j = 0
 
     def _assemble(self, rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
         B, S = self.micro_batch, self.seq_len
-        x = np.empty((B, S + 1), dtype=np.int64)
+        x = np.empty((B, S + 1), dtype=rows[0][0].dtype)
         for i, (row, _) in enumerate(rows):
             x[i] = row
-        tokens, labels = np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:])
-        starts = np.zeros((B, S), dtype=bool)
-        np.equal(tokens[:, :-1], self.eod, out=starts[:, 1:])  # the token after an EOD
+        tokens = x[:, :-1].astype(np.int64)  # one pass each from the narrow stored dtype
+        labels = x[:, 1:].astype(np.int64)
+        # Segment starts: each row's first token, the token after each EOD, every context_len-th.
+        starts = np.empty((B, S), dtype=bool)
+        starts[:, 0] = True
+        np.equal(x[:, : S - 1], self.eod, out=starts[:, 1:])
         for i, (_, d) in enumerate(rows):
             c = self._context[d]
             if c is not None and c < S:
                 starts[i, c::c] = True
-        seq_idx = np.cumsum(starts, axis=1, dtype=np.int32)
-        starts[:, 0] = True
-        cu = np.append(np.flatnonzero(starts), B * S).astype(np.int32)
-        loss_mask = np.ones((B, S), dtype=np.float32)
+        seq_idx = np.empty((B, S), dtype=np.int32)
+        seq_idx[:, 0] = 0
+        np.cumsum(starts[:, 1:], axis=1, dtype=np.int32, out=seq_idx[:, 1:])
+        cu = np.empty(int(starts.sum()) + 1, dtype=np.int32)
+        cu[:-1] = np.flatnonzero(starts)
+        cu[-1] = B * S
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+        loss_mask = torch.ones(B, S, dtype=torch.float32)
         if self.eod_mask_loss:
-            loss_mask[tokens == self.eod] = 0.0
+            loss_mask[torch.from_numpy(tokens == self.eod)] = 0.0
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(loss_mask),
+            "loss_mask": loss_mask,
             "seq_idx": torch.from_numpy(seq_idx),
             "cu_seqlens": torch.from_numpy(cu),
-            "max_seqlen": torch.tensor(int(np.diff(cu).max()), dtype=torch.int32),
+            "max_seqlen": torch.tensor(max_seqlen, dtype=torch.int32),
         }
 
     # -- state ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Dataset:
         self.id = hashlib.sha256("".join(s["sha256"] for s in self.shards).encode()).hexdigest()
         self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
         self._orders: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._doc_orders: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
 
     def _rng(self, seed: int, epoch: int, shard: int = -1) -> np.random.Generator:
         return np.random.default_rng([seed, self._key, epoch, shard + 1])
@@ -51,8 +52,9 @@ class Dataset:
         if key not in self._orders:
             perm = self._rng(seed, epoch).permutation(len(self.shards))
             self._orders[key] = (perm, np.cumsum(self.docs_per_shard[perm]))
-            # Streams of one process sit in at most a few neighbouring epochs at a time.
-            while len(self._orders) > 4:
+            # The streams of a process sit in a few neighbouring epochs of a large dataset, but in
+            # many of a small one (short epochs), whose orders are small.
+            while len(self._orders) > (64 if len(self.shards) <= 10_000 else 4):
                 self._orders.popitem(last=False)
         else:
             self._orders.move_to_end(key)
@@ -60,7 +62,14 @@ class Dataset:
 
     def doc_order(self, seed: int, epoch: int, shard: int) -> np.ndarray:
         """The documents of `shard` (indices within it) in epoch `epoch`'s reading order."""
-        return self._rng(seed, epoch, shard).permutation(int(self.docs_per_shard[shard]))
+        key = (seed, epoch, shard)
+        if key not in self._doc_orders:
+            self._doc_orders[key] = self._rng(seed, epoch, shard).permutation(
+                int(self.docs_per_shard[shard]))
+            # Neighbouring streams share a shard; a few dozen orders are kilobytes.
+            while len(self._doc_orders) > 256:
+                self._doc_orders.popitem(last=False)
+        return self._doc_orders[key]
 
     def span(self, stream: int, n_streams: int) -> tuple[int, int]:
         """Positions `[a, b)` of every epoch's order that stream `stream` of `n_streams` reads."""

@@ -34,6 +34,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # Tensor parallelism inside each expert (megatron's expert_tensor_parallel_size); null: tp when
+    # ep = 1 (megatron's default), else 1 (whole experts, split over ep: experts are small).
+    etp: Optional[int] = None
     cp: int = 1
     # Data-parallel size; null infers world_size / (tp·pp·cp).
     dp: Optional[int] = None
@@ -42,6 +45,12 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     # MoE token dispatcher: alltoall (the one that scales with ep) or allgather.
     moe_dispatcher: str = "alltoall"
+
+    @property
+    def expert_tp(self) -> int:
+        if self.etp is not None:
+            return self.etp
+        return self.tp if self.ep == 1 else 1
 
     @property
     def use_sequence_parallel(self) -> bool:
@@ -77,8 +86,14 @@ class ParallelConfig:
         dp = world_size // mp
         if self.dp is not None and self.dp != dp:
             fail("dp", f"{self.dp} ≠ world size {world_size} / (tp·pp·cp = {mp}) = {dp}")
-        if (self.tp * self.cp * dp) % self.ep:
-            fail("ep", f"{self.ep} must divide tp·cp·dp = {self.tp * self.cp * dp}")
+        if self.etp is not None and (not isinstance(self.etp, int) or self.etp < 1):
+            fail("etp", f"must be a positive integer or null, got {self.etp!r}")
+        if (self.tp * self.cp * dp) % (self.expert_tp * self.ep):
+            fail(
+                "ep",
+                f"etp·ep = {self.expert_tp}·{self.ep} must divide tp·cp·dp = {self.tp * self.cp * dp} "
+                "(experts are laid out over the same ranks as tp, cp and dp)",
+            )
         if self.sequence_parallel and self.tp == 1:
             fail("sequence_parallel", "needs tp > 1")
         return dp

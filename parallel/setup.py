@@ -52,6 +52,7 @@ def initialize_model_parallel(layout: ParallelConfig, seed: int) -> None:
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -38,6 +38,14 @@ class PrecisionConfig:
     disable_rht: bool = False
     disable_stochastic_rounding: bool = False
     disable_2d_quantization: bool = False
+    # Emulated backend on CPU: torch.compile the NVFP4 quantizer (same bits, ~5-10x faster, a few
+    # seconds of compile per process): auto = for tensors of >= 2^18 elements, on, off.
+    compile_quantizer: str = "auto"
+    # Quantization telemetry every N steps (0: off): underflow, saturation, relative error, amax per
+    # layer and GEMM operand (docs/precision.md).
+    telemetry_interval: int = 0
+    # A non-zero gradient that quantizes to all zeros: warn naming the layer (false) or stop (true).
+    strict_zero_gradient: bool = False
 
     def validate(self) -> None:
         if self.recipe not in RECIPES:
@@ -51,6 +59,14 @@ class PrecisionConfig:
         if self.backend not in ("auto", "emulated", "te"):
             raise PrecisionConfigError(
                 f"precision.backend: must be auto, emulated or te, got {self.backend!r}"
+            )
+        if self.compile_quantizer not in ("auto", "on", "off"):
+            raise PrecisionConfigError(
+                f"precision.compile_quantizer: must be auto, on or off, got {self.compile_quantizer!r}"
+            )
+        if self.telemetry_interval < 0:
+            raise PrecisionConfigError(
+                f"precision.telemetry_interval: must be >= 0 (0 = off), got {self.telemetry_interval}"
             )
         if not 0.0 <= self.bf16_last_fraction <= 1.0:
             raise PrecisionConfigError(

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import mxfp8, nvfp4
+from .telemetry import Telemetry
 
 FORMATS = ("nvfp4", "mxfp8", "bf16", "fp32", "none")
 # Formats that run the GEMMs unquantized, in the operands' own dtype.
@@ -52,8 +53,33 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
 def _check_gradient_not_zeroed(src: torch.Tensor, deq: torch.Tensor, name: str) -> None:
     # A non-zero gradient that quantizes to all zeros is a quantizer bug (one TE release did this
     # with SR on one GPU family), not a result. _assert_async does not synchronise a CUDA stream.
+    # Used when no Telemetry is attached; with one, the check names the layer and warns instead
+    # (Telemetry.watch_gradient, reported once per step by Telemetry.end_step).
     ok = (src.abs().amax() == 0) | (deq.abs().amax() > 0)
     torch._assert_async(ok, f"{name}: a non-zero gradient quantized to all zeros")
+
+
+class _Probe:
+    """Where a GEMM reports to: the layer's name and the Telemetry (both optional)."""
+
+    __slots__ = ("name", "telemetry", "fmt")
+
+    def __init__(self, name: str | None, telemetry: Telemetry | None, fmt: str):
+        self.name, self.telemetry, self.fmt = name or "<unnamed>", telemetry, fmt
+
+    @property
+    def measuring(self) -> bool:
+        return self.telemetry is not None and self.telemetry.active
+
+    def observe(self, gemm: str, tensor: str, src: torch.Tensor, q) -> None:
+        if self.measuring:
+            self.telemetry.observe(self.name, self.fmt, gemm, tensor, src, q)
+
+    def gradient(self, where: str, src: torch.Tensor, deq: torch.Tensor) -> None:
+        if self.telemetry is not None:
+            self.telemetry.watch_gradient(self.name, where, src, deq)
+        elif self.fmt == "nvfp4":
+            _check_gradient_not_zeroed(src, deq, where)
 
 
 class QuantizedMatmul(torch.autograd.Function):
@@ -61,37 +87,50 @@ class QuantizedMatmul(torch.autograd.Function):
 
     Saves the quantized (packed) operands that backward needs, as TE does, not the inputs.
     `generator` feeds the stochastic rounding of the gradients (dgrad draws, then wgrad draws).
+    `probe` (a `_Probe`) carries the layer name and telemetry; None reports nothing.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, fmt: str, recipe: NVFP4Recipe, generator: torch.Generator | None):
+    def forward(ctx, x, weight, fmt: str, recipe: NVFP4Recipe, generator, probe=None):
         if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
             raise ValueError(
                 f"expected x [T, K] and weight [N, K], got {tuple(x.shape)}, {tuple(weight.shape)}"
             )
+        probe = probe or _Probe(None, None, fmt)
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.fmt, ctx.recipe, ctx.generator = fmt, recipe, generator
+        ctx.fmt, ctx.recipe, ctx.generator, ctx.probe = fmt, recipe, generator, probe
         ctx.x_dtype, ctx.w_dtype, ctx.tokens = x.dtype, weight.dtype, x.shape[0]
         if fmt == "nvfp4":
             rht = not recipe.disable_rht
             wq = nvfp4.quantize(weight, two_d=not recipe.disable_2d_quantization)
-            x_hat = nvfp4.quantize(x).dequantize()
-            w_hat = wq.dequantize()
-            # RHT needs whole 16-groups along T; the padded zero tokens stay in both wgrad operands.
-            ctx.xt_q = nvfp4.quantize(_pad_rows(x, 16).t(), rht=rht) if need_wgrad else None
+            xq = nvfp4.quantize(x)
+            probe.observe("fprop", "x", x, xq)
+            probe.observe("fprop", "w", weight, wq)
+            x_hat, w_hat = xq.dequantize(), wq.dequantize()
+            ctx.xt_q = None
+            if need_wgrad:
+                # RHT needs whole 16-groups along T; the padded zero tokens stay in both operands.
+                xt = _pad_rows(x, 16).t()
+                ctx.xt_q = nvfp4.quantize(xt, rht=rht)
+                probe.observe("wgrad", "x", xt, ctx.xt_q)
             if need_dgrad and recipe.disable_2d_quantization:
                 ctx.w_dgrad_q = nvfp4.quantize(weight.t())  # Wᵀ [K, N], 1D along N
+                probe.observe("dgrad", "w", weight.t(), ctx.w_dgrad_q)
             else:
                 ctx.w_dgrad_q = wq if need_dgrad else None  # 2D tiles: Wᵀ has the same values
         elif fmt == "mxfp8":
-            x_hat = mxfp8.quantize(x, scaling_mode=MXFP8_SCALING_MODE).dequantize()
-            w_hat = mxfp8.quantize(weight, scaling_mode=MXFP8_SCALING_MODE).dequantize()
-            ctx.xt_q = (
-                mxfp8.quantize(x.t(), scaling_mode=MXFP8_SCALING_MODE) if need_wgrad else None
-            )
-            ctx.w_dgrad_q = (
-                mxfp8.quantize(weight.t(), scaling_mode=MXFP8_SCALING_MODE) if need_dgrad else None
-            )
+            xq = mxfp8.quantize(x, scaling_mode=MXFP8_SCALING_MODE)
+            wq = mxfp8.quantize(weight, scaling_mode=MXFP8_SCALING_MODE)
+            probe.observe("fprop", "x", x, xq)
+            probe.observe("fprop", "w", weight, wq)
+            x_hat, w_hat = xq.dequantize(), wq.dequantize()
+            ctx.xt_q = ctx.w_dgrad_q = None
+            if need_wgrad:
+                ctx.xt_q = mxfp8.quantize(x.t(), scaling_mode=MXFP8_SCALING_MODE)
+                probe.observe("wgrad", "x", x.t(), ctx.xt_q)
+            if need_dgrad:
+                ctx.w_dgrad_q = mxfp8.quantize(weight.t(), scaling_mode=MXFP8_SCALING_MODE)
+                probe.observe("dgrad", "w", weight.t(), ctx.w_dgrad_q)
         else:
             raise ValueError(f"QuantizedMatmul handles 'nvfp4' and 'mxfp8', got {fmt!r}")
         return F.linear(x_hat, w_hat).to(x.dtype)
@@ -99,31 +138,42 @@ class QuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         dx = dw = None
+        probe = ctx.probe
         if ctx.fmt == "nvfp4":
             sr = not ctx.recipe.disable_stochastic_rounding
             if ctx.w_dgrad_q is not None:
-                dy_hat = nvfp4.quantize(dy, stochastic=sr, generator=ctx.generator).dequantize()
-                _check_gradient_not_zeroed(dy, dy_hat, "dgrad dy")
+                dyq = nvfp4.quantize(dy, stochastic=sr, generator=ctx.generator)
+                dy_hat = dyq.dequantize()
+                probe.gradient("dgrad dy", dy, dy_hat)
+                probe.observe("dgrad", "dy", dy, dyq)
                 w = ctx.w_dgrad_q.dequantize()
                 # 2D tiles: the saved W [N, K] itself; 1D: the columnwise copy Wᵀ [K, N].
                 w_nk = w.t() if ctx.recipe.disable_2d_quantization else w
                 dx = (dy_hat @ w_nk).to(ctx.x_dtype)
             if ctx.xt_q is not None:
                 dyt = _pad_rows(dy, 16).t()  # [N, Tp]
-                dyt_hat = nvfp4.quantize(
+                dytq = nvfp4.quantize(
                     dyt, rht=not ctx.recipe.disable_rht, stochastic=sr, generator=ctx.generator
-                ).dequantize()
-                _check_gradient_not_zeroed(dy, dyt_hat, "wgrad dy")
+                )
+                dyt_hat = dytq.dequantize()
+                probe.gradient("wgrad dy", dy, dyt_hat)
+                probe.observe("wgrad", "dy", dyt, dytq)
                 dw = (dyt_hat @ ctx.xt_q.dequantize().t()).to(ctx.w_dtype)
         else:
             if ctx.w_dgrad_q is not None:
-                dy_hat = mxfp8.quantize(dy, scaling_mode=MXFP8_SCALING_MODE).dequantize()
+                dyq = mxfp8.quantize(dy, scaling_mode=MXFP8_SCALING_MODE)
+                dy_hat = dyq.dequantize()
+                probe.gradient("dgrad dy", dy, dy_hat)
+                probe.observe("dgrad", "dy", dy, dyq)
                 dx = (dy_hat @ ctx.w_dgrad_q.dequantize().t()).to(ctx.x_dtype)
             if ctx.xt_q is not None:
-                dyt_hat = mxfp8.quantize(dy.t(), scaling_mode=MXFP8_SCALING_MODE).dequantize()
+                dytq = mxfp8.quantize(dy.t(), scaling_mode=MXFP8_SCALING_MODE)
+                dyt_hat = dytq.dequantize()
+                probe.gradient("wgrad dy", dy, dyt_hat)
+                probe.observe("wgrad", "dy", dy.t(), dytq)
                 dw = (dyt_hat @ ctx.xt_q.dequantize().t()).to(ctx.w_dtype)
         ctx.xt_q = ctx.w_dgrad_q = None
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def quantized_linear(
@@ -134,6 +184,8 @@ def quantized_linear(
     generator: torch.Generator | None = None,
     *,
     bias: torch.Tensor | None = None,
+    name: str | None = None,
+    telemetry: Telemetry | None = None,
 ) -> torch.Tensor:
     """y = x·Wᵀ (+ bias) with the GEMMs emulated in `fmt`.
 
@@ -141,13 +193,16 @@ def quantized_linear(
     fmt: "nvfp4", "mxfp8", or "bf16"/"fp32"/"none" (no quantization: exactly `F.linear`, in the
     operands' own dtype). recipe: NVFP4 switches (default: all techniques on). generator: the stochastic
     rounding stream (see `rng.StochasticRoundingRNG`); None draws from torch's default generator.
-    The bias is added in high precision after the GEMM, as TE does.
+    The bias is added in high precision after the GEMM, as TE does. name/telemetry: the layer's
+    module name and the `Telemetry` that measures its operands and names it when a gradient is
+    zeroed; without telemetry a zeroed NVFP4 gradient is a hard (asynchronous) error.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if fmt in HIGH_PRECISION:
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    y = QuantizedMatmul.apply(x2, weight, fmt, recipe or NVFP4Recipe(), generator)
+    probe = _Probe(name, telemetry, fmt) if (name or telemetry) else None
+    y = QuantizedMatmul.apply(x2, weight, fmt, recipe or NVFP4Recipe(), generator, probe)
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y + bias if bias is not None else y

@@ -39,3 +39,11 @@ def hymoe(*args: str, cwd=None, timeout: int = 300, env: dict | None = None) -> 
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run([sys.executable, "-m", "hymoe", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=full_env)
+
+
+def hymoe_torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m hymoe ARGS` on CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "hymoe", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,6 +1,7 @@
-"""Parameter counts of the Nemotron 3 recipes against the published numbers (within 1%), and the
-config-only counter (hymoe.model.counting, used by `hymoe model info`) against models megatron-core
-actually builds: a small LatentMoE hybrid on CPU, and full-size Nano on the meta device."""
+"""Parameter and FLOP counts from the config alone. Parameters: the Nemotron 3 recipes against the
+published numbers (within 1%), and the counter behind `hymoe model info` (hymoe.model.counting)
+against models megatron-core actually builds (a small LatentMoE hybrid on CPU, full-size Nano on
+the meta device). FLOPs per token (hymoe.model.flops): against a count by hand."""
 
 import json
 
@@ -10,6 +11,7 @@ import torch
 from hymoe.model import hf
 from hymoe.model.config import ModelConfig
 from hymoe.model.counting import count_params
+from hymoe.model.flops import flops_breakdown, flops_per_token
 from hymoe.train.inspect import model_info
 from hymoe.train.recipe import load_recipe
 
@@ -80,3 +82,54 @@ def test_counter_equals_megatron_model_built_on_meta(name="nano_30b_a3b"):
                                            perform_initialization=False)
         model = build_model(cfg, tconfig, vocab_size=VOCAB)
     assert sum(p.numel() for p in model.parameters()) == count_params(cfg, VOCAB)["total"]
+
+
+# h 8; attention 2 heads × 4, 1 KV group; Mamba 2 heads × 4, 1 group, state 3; MoE 4 experts
+# top-2 of width 5 at latent 6, shared 7; dense MLP 9; vocab 10.
+FLOPS_CFG = ModelConfig(
+    pattern="M*E-", hidden_size=8, num_attention_heads=2, num_query_groups=1, head_dim=4,
+    ffn_hidden_size=9, mamba_num_heads=2, mamba_head_dim=4, mamba_state_dim=3,
+    mamba_num_groups=1, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=5,
+    moe_shared_expert_intermediate_size=7, moe_latent_size=6, vocab_size=10,
+)
+SEQ = 12
+
+
+def test_flops_of_a_tiny_config_by_hand():
+    # Mamba: in_proj 2·8·(2·8 + 2·1·3 + 2) = 384; scan 7·8·3 = 168; out_proj 2·8·8 = 128.
+    mamba = 384 + 168 + 128
+    # Attention: qkv 2·8·(8 + 2·4) = 256; out 2·8·8 = 128; core 2·2·8·(12/2) = 192.
+    attention = 256 + 128 + 192
+    # MoE: router 2·8·4 = 64; routed 2 experts · 2·2·6·5 = 240; latent 2·2·8·6 = 192;
+    # shared 2·2·8·7 = 224.
+    moe = 64 + 240 + 192 + 224
+    mlp = 2 * 2 * 8 * 9  # 288
+    logits = 2 * 8 * 10  # 160
+    b = flops_breakdown(FLOPS_CFG, SEQ)
+    assert (b["M"], b["*"], b["E"], b["-"], b["logits"]) == (mamba, attention, moe, mlp, logits)
+    forward = mamba + attention + moe + mlp + logits
+    assert b["total"] == forward == 2424
+    assert flops_per_token(FLOPS_CFG, SEQ, training=False) == forward
+    assert flops_per_token(FLOPS_CFG, SEQ) == 3 * forward
+
+
+def test_mtp_depths_add_their_layers_projection_and_head():
+    base = flops_breakdown(FLOPS_CFG, SEQ)
+    with_mtp = flops_breakdown(FLOPS_CFG, SEQ, mtp_depths=2, mtp_pattern="*E")
+    per_depth = 2 * 2 * 8 * 8 + base["*"] + base["E"] + base["logits"]
+    assert with_mtp["mtp"] == 2 * per_depth
+    assert with_mtp["total"] == base["total"] + 2 * per_depth
+
+
+def test_attention_grows_with_sequence_and_latent_shrinks_experts():
+    a, b = flops_breakdown(FLOPS_CFG, 100), flops_breakdown(FLOPS_CFG, 200)
+    assert b["*"] - a["*"] == 2 * 2 * 8 * 50  # only the core term depends on seq_len
+    assert b["M"] == a["M"]  # Mamba is linear in the sequence: constant per token
+    plain = ModelConfig(**{**FLOPS_CFG.__dict__, "moe_latent_size": None})
+    # Without latent: routed at h=8 (2·2·2·8·5 = 320), no projections.
+    assert flops_breakdown(plain, SEQ)["E"] == 64 + 320 + 224
+
+
+def test_flops_need_a_vocabulary():
+    with pytest.raises(ValueError, match="vocab_size"):
+        flops_per_token(ModelConfig(), 16)

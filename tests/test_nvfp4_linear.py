@@ -1,11 +1,14 @@
 """Emulated quantized linear: the contract's operand table wired into fprop, dgrad and wgrad."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hymoe.precision import nvfp4
 from hymoe.precision.emulated_linear import NVFP4Recipe, quantized_linear
 from hymoe.precision.rng import StochasticRoundingRNG
+from hymoe.precision.telemetry import QuantizationWarning, Telemetry
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -155,11 +158,36 @@ def test_gradient_quantized_to_all_zeros_is_detected(monkeypatch):
     # The SR bug of one TE release: non-zero gradients whose codes all came out zero.
     x, w, dy = _data()
     y = quantized_linear(x, w, "nvfp4")
-    monkeypatch.setattr(
-        nvfp4, "cast_to_e2m1", lambda q, **kw: torch.zeros_like(q, dtype=torch.uint8)
-    )
+    monkeypatch.setattr(nvfp4, "_round_e2m1", lambda q, u: torch.zeros_like(q, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="all zeros"):
         _grads(y, x, w, dy)
+
+
+def test_zeroed_gradient_with_telemetry_warns_naming_the_layer(monkeypatch):
+    # With a Telemetry attached the check is deferred to end_step (one host sync per step) and
+    # names the layer; strict_zero_gradient turns the warning back into an error.
+    x, w, dy = _data()
+    for strict in (False, True):
+        tel = Telemetry(strict_zero_gradient=strict)
+        tel.start_step(1)
+        y = quantized_linear(x, w, "nvfp4", name="decoder.layers.3.mlp.linear_fc2", telemetry=tel)
+        with monkeypatch.context() as m:
+            m.setattr(nvfp4, "_round_e2m1", lambda q, u: torch.zeros_like(q, dtype=torch.uint8))
+            _grads(y, x, w, dy)  # no error here: nothing synchronises inside backward
+        if strict:
+            with pytest.raises(RuntimeError, match=r"decoder\.layers\.3\.mlp\.linear_fc2"):
+                tel.end_step()
+        else:
+            with pytest.warns(QuantizationWarning, match=r"layers\.3\.mlp\.linear_fc2 \(dgrad dy\)"):
+                tel.end_step()
+    # A healthy step reports nothing, and a legitimately zero upstream gradient is not flagged.
+    tel = Telemetry()
+    tel.start_step(2)
+    y = quantized_linear(x, w, "nvfp4", name="ok", telemetry=tel)
+    _grads(y, x, w, torch.zeros_like(dy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tel.end_step() == []
 
 
 def test_resumed_rng_repeats_gradients():

@@ -33,6 +33,7 @@ def build_model_chunks(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.use_sequence_parallel,
         params_dtype=dtype,
@@ -50,6 +51,14 @@ def build_model_chunks(
     )
     if transform is not None:
         transform(model, config)
+    # Expert weights always take megatron's expert-parallel path (their own optimizer and gradient
+    # buffers), also at ep=1 where megatron would treat them as dense. At ep=1 the expert
+    # data-parallel group is the data-parallel group, so the math is unchanged — but the optimizer
+    # (a chain of dense + expert optimizers) and so its checkpoint have the same structure at every
+    # ep, which is what lets a checkpoint saved at one ep resume at another.
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
     model.to(device())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
