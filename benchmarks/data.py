@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process = one core, for both sides
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def rate(fn, seconds: float, repeats: int) -> tuple[float, float]:
@@ -113,6 +113,15 @@ def cold_rates(shards: list[Path], prepared: Path, tokens: int, S: int, B: int,
         hy = max(hy, n / (time.perf_counter() - t0))
         del s
     return raw, hy
+
+
+def stream_rate(prepared: Path, S: int, B: int, workers: int, seconds: float,
+                repeats: int) -> tuple[float, float]:
+    from hymoe.data import PackedStream
+
+    with PackedStream(prepared, S, B, num_workers=workers) as s:
+        next(s)  # opens the first shards; with workers, starts them
+        return rate(lambda: (next(s), S * B)[1], seconds, repeats)
 
 
 def tokenize_and_prepare(files: list[Path], tok_path: Path, out: Path, repeats: int):
@@ -210,7 +219,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from hymoe.data import PackedStream, demo_corpus_files
+    from hymoe.data import demo_corpus_files
     from hymoe.data.tokenizer import train_bpe
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -241,16 +250,14 @@ def main() -> None:
         return stream_tokens
 
     r["raw"] = rate(raw_bytes, sec, rep)
-    raw_docs = lambda: (np.frombuffer(p.read_bytes(), dtype=np.uint16) for p in shards)  # noqa: E731
+
+    def raw_docs():
+        return (np.frombuffer(p.read_bytes(), dtype=np.uint16) for p in shards)
+
     r["raw_batches"] = rate(packer(raw_docs, S, B), sec, rep)
     r["raw_cold"], r["hymoe_cold"] = (raw_cold,), (hy_cold,)
-    s = PackedStream(out, S, B)
-    next(s)
-    r["hymoe"] = rate(lambda: (next(s), S * B)[1], sec, rep)
-    del s
-    with PackedStream(out, S, B, num_workers=2) as w:
-        next(w)
-        r["hymoe_workers"] = (rate(lambda: (next(w), S * B)[1], sec, rep)[0],)
+    r["hymoe"] = stream_rate(out, S, B, 0, sec, rep)
+    r["hymoe_workers"] = (stream_rate(out, S, B, 2, sec, rep)[0],)
 
     prefix = megatron_indexed(shards, m, work)
     idx = IndexedDataset(prefix)

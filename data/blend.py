@@ -151,8 +151,8 @@ def blend_from_config(cfg, total_tokens: int | None = None) -> Blend:
             if total_tokens is None:
                 raise DataError(f"data.phases[{i}].start_fraction needs the run's total tokens; "
                                 "use start_tokens or pass total_tokens")
-            start = int(round(ph.start_fraction * total_tokens))
+            start = round(ph.start_fraction * total_tokens)
         else:
-            start = int(ph.start_tokens)
+            start = ph.start_tokens
         phases.append((start, dict(ph.blend)))
     return Blend(sources, dict(cfg.blend) if cfg.blend else None, phases)

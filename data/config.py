@@ -1,9 +1,11 @@
-"""Data configuration (the ``data`` group of a recipe). docs/data.md explains every field."""
+"""Data configuration (the ``data`` group of a recipe). docs/data.md explains every field.
+
+OmegaConf 2.3 reads `X | None`, `dict[...]` and `list[...]` annotations (checked).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 from hymoe.data.errors import DataError
 
@@ -14,16 +16,16 @@ class DatasetEntry:
     path: str = "???"
     # Longest context inside a row of this dataset: rows are cut into independent segments of at
     # most this many tokens (e.g. 4096 beside 1M-token long-context data). null: no cut.
-    context_len: Optional[int] = None
+    context_len: int | None = None
 
 
 @dataclass
 class PhaseConfig:
     # Weights from this phase's start on (dataset name → weight; normalised; missing = 0).
-    blend: Dict[str, float] = field(default_factory=dict)
+    blend: dict[str, float] = field(default_factory=dict)
     # Start, as a fraction of the run's tokens (e.g. 0.94), or as global tokens. Set one.
-    start_fraction: Optional[float] = None
-    start_tokens: Optional[int] = None
+    start_fraction: float | None = None
+    start_tokens: int | None = None
 
 
 @dataclass
@@ -39,11 +41,11 @@ class DataConfig:
     # Bytes of demo corpus to use (≤ 10 MB).
     demo_max_bytes: int = 3_000_000
     # Several datasets (name → entry); empty: read `path` alone.
-    datasets: Dict[str, DatasetEntry] = field(default_factory=dict)
+    datasets: dict[str, DatasetEntry] = field(default_factory=dict)
     # Weights of the first phase (name → weight). Required with more than one dataset.
-    blend: Dict[str, float] = field(default_factory=dict)
+    blend: dict[str, float] = field(default_factory=dict)
     # Later phases, in order of their start (Nemotron 3: phase 2 at 0.94 of the tokens).
-    phases: List[PhaseConfig] = field(default_factory=list)
+    phases: list[PhaseConfig] = field(default_factory=list)
     # Independent read streams over all DP ranks; fixed for the life of a run (taken from the
     # checkpoint on resume). A run can later resume on any DP size up to this number. 0: auto
     # (max(64, dp * num_workers), at most the smallest dataset's document count).

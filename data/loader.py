@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -318,7 +319,7 @@ class PackedStream:
         if pool is not None:
             pool.close()
 
-    def __enter__(self) -> PackedStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -214,17 +214,17 @@ class NVFP4Tensor:
         return unpack_e2m1(self.data)
 
     def block_scales(self) -> torch.Tensor:
-        """float(s8) per 16-element block along the last dim, float32 [..., Kp/16] (2D tiles
-        repeated on their 16 rows)."""
-        s = self.scale.to(torch.float32)
-        return s.repeat_interleave(BLOCK, dim=0) if self.two_d else s
+        """The E4M3 scale of every 16-element block along the last dim, [..., Kp/16] (a 2D tile's
+        scale repeated on its 16 rows)."""
+        return self.scale.repeat_interleave(BLOCK, dim=0) if self.two_d else self.scale
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x̂ = value(code)·float(scale)·D in float32, cast to `dtype`; the original shape."""
-        data, scale = self.data, self.scale
-        if not self.two_d:  # 2-D for the kernels (see `quantize`)
-            data, scale = data.reshape(-1, data.shape[-1]), scale.reshape(-1, scale.shape[-1])
-        vals = _kernel("dequantize", data, self.two_d)(data, scale, self.global_amax, self.two_d)
+        # One row per 16-element block (a 2D tile's scale repeated on its 16 rows): the kernel
+        # sees [blocks, 8] bytes whatever the tensor's shape (see `quantize`).
+        data = self.data.reshape(-1, BLOCK // 2)
+        scale = self.block_scales().reshape(-1, 1)
+        vals = _kernel("dequantize", data)(data, scale, self.global_amax)
         vals = vals.view(*self.data.shape[:-1], -1)[tuple(slice(0, n) for n in self.shape)]
         return vals.to(dtype)
 
@@ -264,66 +264,66 @@ def quantize(
     # Uniforms are drawn here, outside any compiled code, one per padded element in row-major
     # order, so the compiled and eager paths consume the generator identically.
     u = _uniforms(xf.shape, generator, xf.device) if stochastic else None
-    # The kernels see 2-D [rows, Kp] tensors (one compiled graph for every rank of x).
-    kp = xf.shape[-1]
-    xf2, u2 = xf.view(-1, kp), (u.view(-1, kp) if u is not None else None)
-    data, scale, global_amax = _kernel("quantize", xf2, two_d, stochastic)(xf2, u2, two_d)
-    if not two_d:
+    if two_d:
+        data, scale, global_amax = _kernel("quantize_2d", xf)(xf, u)
+    else:
+        # One row per 16-element block: the same kernel (and one compiled graph) for every shape.
+        xb, ub = xf.view(-1, BLOCK), (u.view(-1, BLOCK) if u is not None else None)
+        data, scale, global_amax = _kernel("quantize_1d", xb, stochastic)(xb, ub)
         data, scale = data.view(*xf.shape[:-1], -1), scale.view(*xf.shape[:-1], -1)
     return NVFP4Tensor(data, scale, global_amax, shape, two_d=two_d, rht=rht)
 
 
-def _quantize_padded(xf: torch.Tensor, u: torch.Tensor | None, two_d: bool):
-    """The quantizer proper, on a zero-padded float32 tensor xf [..., Kp] ([Mp, Kp] for 2D) and
-    optional uniforms u (xf's shape) -> (packed codes, E4M3 scales, global amax). Written to run
-    both eagerly and under torch.compile with identical results (tests/test_precision_compiled.py).
-    """
-    if two_d:
-        mp, kp = xf.shape
-        blocks = xf.view(mp // BLOCK, BLOCK, kp // BLOCK, BLOCK)
-        block_amax = blocks.abs().amax(dim=(1, 3))  # [Mp/16, Kp/16]
-    else:
-        blocks = xf.unflatten(-1, (-1, BLOCK))
-        block_amax = blocks.abs().amax(dim=-1)  # [..., Kp/16]
+def _finish(block_amax: torch.Tensor, empty: torch.Tensor):
+    """(global amax, E4M3 scales, multipliers m = 1/(s8·D)) from the block amaxes."""
     # max over block amaxes == max |x| (padding is zeros); an empty tensor has amax 0.
-    global_amax = block_amax.amax() if block_amax.numel() else xf.new_zeros(())
+    global_amax = block_amax.amax() if block_amax.numel() else empty.new_zeros(())
     s_enc = global_encode_scale(global_amax)
     s_dec = torch.div(1.0, s_enc)
     # TE's order: fold 1/6 into the global scale first, then multiply by the block amax.
     s = (block_amax * (s_enc * RCP_FP4_MAX)).clamp(max=FP32_MAX)
     scale = s.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # RNE cast
     # Multiplier m = 1/(s8·D), capped so that an all-zero block (s8 = 0) gives 0·FP32_MAX = 0.
-    mult = block_multiplier(scale, s_dec)
-    if two_d:
-        q = (blocks * mult[:, None, :, None]).view(xf.shape)
-    else:
-        q = (blocks * mult.unsqueeze(-1)).flatten(-2)
-    codes = _round_e2m1(q.clamp(-FP4_MAX, FP4_MAX), u)
-    return pack_e2m1(codes), scale, global_amax
+    return global_amax, scale, block_multiplier(scale, s_dec)
 
 
-def _dequantize_packed(data, scale, global_amax, two_d: bool) -> torch.Tensor:
-    """value(code)·float(s8)·D, float32 [..., Kp] ([Mp, Kp] for 2D), padding included."""
+def _quantize_blocks(xb: torch.Tensor, u: torch.Tensor | None):
+    """The 1D quantizer proper. xb: zero-padded float32 blocks [n, 16]; u: uniforms [n, 16] for
+    stochastic rounding or None -> (packed codes uint8 [n, 8], E4M3 scales [n, 1], global amax).
+    Runs eagerly and under torch.compile with identical bits (tests/test_precision_compiled.py)."""
+    global_amax, scale, mult = _finish(xb.abs().amax(dim=-1, keepdim=True), xb)
+    q = (xb * mult).clamp(-FP4_MAX, FP4_MAX)
+    return pack_e2m1(_round_e2m1(q, u)), scale, global_amax
+
+
+def _quantize_tiles(xf: torch.Tensor, u: torch.Tensor | None):
+    """The 2D quantizer: xf zero-padded float32 [Mp, Kp], one scale per 16×16 tile -> (packed
+    codes [Mp, Kp/2], E4M3 scales [Mp/16, Kp/16], global amax)."""
+    mp, kp = xf.shape
+    tiles = xf.view(mp // BLOCK, BLOCK, kp // BLOCK, BLOCK)
+    global_amax, scale, mult = _finish(tiles.abs().amax(dim=(1, 3)), xf)
+    q = (tiles * mult[:, None, :, None]).view(mp, kp).clamp(-FP4_MAX, FP4_MAX)
+    return pack_e2m1(_round_e2m1(q, u)), scale, global_amax
+
+
+def _dequantize_blocks(data: torch.Tensor, scale: torch.Tensor, global_amax: torch.Tensor):
+    """value(code)·float(s8)·D for packed blocks data [n, 8] with E4M3 scales [n, 1] -> float32
+    [n, 16]. (value·s8)·D in this order: value·s8 is exact, so one rounding in all."""
     s = scale.to(torch.float32)
-    if two_d:
-        s = s.repeat_interleave(BLOCK, dim=0)  # [Mp, Kp/16]
     decode = global_decode_scale(global_amax)
     if not torch.compiler.is_compiling():
-        vals = packed_to_float(data)  # one int32 look-up per byte: ~3x faster than per code
-        # (value·s8)·D, in this order: value·s8 is exact, so one rounding in all.
-        return (vals.unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2) * decode
+        return packed_to_float(data) * s * decode  # one int32 look-up per byte: ~3x per code
     # Compiled: the same products on magnitudes, then the code's sign bit set with integer ops.
     # Inductor compiles with -fno-signed-zeros, which would turn code 8's -0.0 into +0.0; the
     # magnitudes are rounded exactly as the signed values (round-to-nearest-even is symmetric).
     codes = unpack_e2m1(data)
-    mags = _value_table(data.device)[(codes & 7).long()]
-    vals = (mags.unflatten(-1, (-1, BLOCK)) * s.unsqueeze(-1)).flatten(-2) * decode
+    vals = _value_table(data.device)[(codes & 7).long()] * s * decode
     sign = (codes >> 3).to(torch.int32) << 31
     return (vals.view(torch.int32) | sign).view(torch.float32)
 
 
 # -- compiled CPU kernels ------------------------------------------------------------------------
-# torch.compile (inductor's C++ backend, gcc) fuses the ~25 eager passes of `_quantize_padded` into
+# torch.compile (inductor's C++ backend, gcc) fuses the ~25 eager passes of `_quantize_blocks` into
 # two loops: ~5x faster quantize and ~5-10x faster dequantize on CPU (benchmarks/quantize.py). The
 # bits are the same (inductor keeps IEEE division, no FMA contraction, no reassociation; checked by
 # tests/test_precision_compiled.py). It costs a compile of a few seconds per kernel variant and
@@ -333,7 +333,11 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILE_MIN_NUMEL = 1 << 18
 _compile_mode = os.environ.get("HYMOE_NVFP4_COMPILE", "auto")
 _compiled: dict[tuple, object] = {}
-_EAGER = {"quantize": _quantize_padded, "dequantize": _dequantize_packed}
+_EAGER = {
+    "quantize_1d": _quantize_blocks,
+    "quantize_2d": _quantize_tiles,
+    "dequantize": _dequantize_blocks,
+}
 
 
 def set_compile(mode: str) -> None:
@@ -345,17 +349,18 @@ def set_compile(mode: str) -> None:
 
 
 def _kernel(name: str, t: torch.Tensor, *variant):
-    """The eager kernel `name`, or its compiled version for this variant (static arguments such
-    as two_d and stochastic get one compiled graph each, so none recompiles another)."""
+    """The eager kernel `name`, or its compiled version for this variant of static arguments
+    (stochastic or not: one compiled graph each). t: the kernel's first argument; its dim 0 is
+    compiled as dynamic, its other dims (16 or 8 per block; Kp for 2D tiles) as static — a
+    dynamic inner dim costs ~2-4x in inductor's C++ loops."""
     if (
         _compile_mode == "off"
         or t.device.type != "cpu"
         or (_compile_mode == "auto" and t.numel() < COMPILE_MIN_NUMEL)
-        # At least 2 blocks along each dim: size-1 block counts would each recompile (dynamo
-        # specialises 0 and 1) and hit an inductor codegen bug for a single 2D tile.
-        or t.dim() != 2
+        # Size 0/1 dims would be specialised (a recompile each); one 2D tile also hits an
+        # inductor codegen bug. Tensors that small are fast eagerly anyway.
         or t.shape[0] < 2 * BLOCK
-        or t.shape[1] * (2 if t.dtype == torch.uint8 else 1) < 2 * BLOCK
+        or (name == "quantize_2d" and t.shape[1] < 2 * BLOCK)
         or torch.compiler.is_compiling()
     ):
         return _EAGER[name]
@@ -367,12 +372,15 @@ def _kernel(name: str, t: torch.Tensor, *variant):
 
 
 def _try_compiled(name: str, key: tuple):
-    """torch.compile(dynamic=True) of the eager kernel, falling back to it (with one warning)
-    if compiling fails, e.g. without a C++ compiler."""
-    compiled = torch.compile(_EAGER[name], dynamic=True)
+    """torch.compile of the eager kernel (dim 0 dynamic), falling back to it with one warning if
+    compiling fails, e.g. without a C++ compiler."""
+    compiled = torch.compile(_EAGER[name])
 
     def run(*args):
         try:
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dim():
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
             return compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
             warnings.warn(f"hymoe nvfp4: torch.compile of {name} failed ({e}); using eager")

@@ -25,7 +25,28 @@ def test_gap_and_plot(tmp_path):
     assert abs(s["runs"][1]["gap_pct"] - 1.0) < 1e-9
     assert s["runs"][0]["gap_pct"] == 0.0
     assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 10_000
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "data:image/png;base64," in report and "+1.00%" in report
     assert len(read_metrics(fp4)) == 20
+
+
+def test_config_differences_and_real_runs(demo_data, tmp_path):
+    """Two real short runs that differ in precision: the report names precision.recipe."""
+    from helpers import hymoe
+
+    runs = []
+    for p in ("bf16", "nvfp4"):
+        run = tmp_path / p
+        r = hymoe("train", "tiny", f"precision={p}", "train.steps=6", "optim.warmup_steps=1",
+                  "train.global_batch=2", "train.micro_batch=2", "train.seq_len=32",
+                  "logging.progress=false", "logging.wandb=disabled", "checkpoint.save_final=false",
+                  f"run.dir={run}", f"data.path={demo_data}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(str(run))
+    s = compare_runs(runs, tmp_path / "cmp")
+    assert "precision.recipe" in s["config_differences"]
+    assert s["config_differences"]["precision.recipe"] == ["bf16", "nvfp4"]
+    assert abs(s["runs"][1]["gap_pct"]) < 5
 
 
 def test_cli_max_gap_exit_code(tmp_path):

@@ -63,7 +63,7 @@ def test_error_names_shard_and_sample(clean, tmp_path, kind):
 
 
 def test_payload_damage_with_valid_ids_names_the_range(clean, tmp_path):
-    d, name, key, m = damage(clean[0], tmp_path, "payload-in-range")
+    d, name, _, m = damage(clean[0], tmp_path, "payload-in-range")
     with pytest.raises(DataError, match=rf"{name}.*sha256.*payload damage in one of samples "
                                         rf"{member_name(first_keys(m)[BAD])}…"):
         read_epoch(PackedStream(d, S, B, num_streams=2))
@@ -71,9 +71,9 @@ def test_payload_damage_with_valid_ids_names_the_range(clean, tmp_path):
 
 def test_error_comes_through_workers(clean, tmp_path):
     d, name, key, _ = damage(clean[0], tmp_path, "header")
-    with PackedStream(d, S, B, num_streams=2, num_workers=2) as s:
-        with pytest.raises(DataError, match=rf"{name}.*sample {key}"):
-            read_epoch(s)
+    with PackedStream(d, S, B, num_streams=2, num_workers=2) as s, \
+            pytest.raises(DataError, match=rf"{name}.*sample {key}"):
+        read_epoch(s)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "payload", "header"])
@@ -81,7 +81,7 @@ def test_skip_reads_everything_else_and_counts(clean, tmp_path, kind):
     """One stream, one epoch: the documents read are exactly the dataset minus the bad shard's,
     and the metrics count one skipped shard and its documents."""
     path, docs = clean
-    d, name, _, m = damage(path, tmp_path, kind)
+    d, _, _, m = damage(path, tmp_path, kind)
     s = PackedStream(d, S, B, num_streams=1, on_corrupt="skip")
     n_bad = m["shards"][BAD]["documents"]
     want = len(docs) - n_bad

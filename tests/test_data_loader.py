@@ -3,6 +3,7 @@ exact resume (the 40-batches-then-8 test) and resume on another DP size."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -53,7 +54,7 @@ def segments_from_cu(batch) -> list[list[tuple[int, int]]]:
     Bn, Sn = batch["tokens"].shape
     assert cu[0] == 0 and cu[-1] == Bn * Sn and cu == sorted(set(cu))
     out = [[] for _ in range(Bn)]
-    for a, b in zip(cu[:-1], cu[1:]):
+    for a, b in itertools.pairwise(cu):
         row = a // Sn
         assert (b - 1) // Sn == row, "a segment crosses a row"
         out[row].append((a - row * Sn, b - row * Sn))

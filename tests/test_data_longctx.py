@@ -3,6 +3,7 @@ ratio with short rows cut into 2k contexts, and memory that stays O(seq_len), no
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 import pytest
@@ -39,7 +40,7 @@ def test_long_documents_span_rows(root):
     # A 25k+ document fills at least one whole 16k row: one segment, seq_idx all 0.
     whole = [b for b in batches if segment_lengths(b) == [S]]
     assert whole and all(torch.all(b["seq_idx"] == 0) for b in whole)
-    for a, b in zip(batches, batches[1:]):
+    for a, b in itertools.pairwise(batches):
         assert a["labels"][0, -1] == b["tokens"][0, 0]  # the document continues in the next row
 
 

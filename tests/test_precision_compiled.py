@@ -86,14 +86,17 @@ def test_compiled_matches_eager_bit_for_bit(kw):
         _same(*_both(x, **kw))
 
 
-def test_auto_compiles_only_large_cpu_tensors(monkeypatch):
+def test_auto_compiles_only_large_cpu_tensors():
     nvfp4.set_compile("auto")
-    small = torch.zeros(64, 64)
-    assert nvfp4._kernel("quantize", small) is nvfp4._quantize_padded
-    big = torch.zeros(nvfp4.COMPILE_MIN_NUMEL // 64, 64)
-    assert nvfp4._kernel("quantize", big) is not nvfp4._quantize_padded
+    eager = nvfp4._quantize_blocks
+    assert nvfp4._kernel("quantize_1d", torch.zeros(256, 16), False) is eager
+    big = torch.zeros(nvfp4.COMPILE_MIN_NUMEL // 16, 16)
+    assert nvfp4._kernel("quantize_1d", big, False) is not eager
+    nvfp4.set_compile("on")
+    assert nvfp4._kernel("quantize_1d", torch.zeros(64, 16), False) is not eager
+    assert nvfp4._kernel("quantize_1d", torch.zeros(16, 16), False) is eager  # too few blocks
     nvfp4.set_compile("off")
-    assert nvfp4._kernel("quantize", big) is nvfp4._quantize_padded
+    assert nvfp4._kernel("quantize_1d", big, False) is eager
     with pytest.raises(ValueError, match="compile mode"):
         nvfp4.set_compile("always")
 
@@ -110,7 +113,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     x = torch.randn(32, 32)
-    with pytest.warns(UserWarning, match="compile of quantize failed"):
+    with pytest.warns(UserWarning, match="compile of quantize_1d failed"):
         q = nvfp4.quantize(x)
     nvfp4.set_compile("off")
     assert torch.equal(q.data, nvfp4.quantize(x).data)

@@ -1,7 +1,8 @@
-"""Loss-curve comparison of runs (e.g. NVFP4 against BF16): a plot and a summary.
+"""Loss-curve comparison of runs (e.g. NVFP4 against BF16): a plot, an HTML report and a summary.
 
-The final loss of a run is the mean over its last 10% of steps (single steps are noisy); the gap is
-relative to the first run given (the baseline), in percent.
+Runs are aligned by consumed tokens (runs with different batch sizes compare fairly). The final loss
+of a run is the mean over its last 10% of steps (single steps are noisy); the gap is relative to the
+first run given (the baseline), in percent. The report lists the config keys in which runs differ.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
     base_final = tail_mean([r["loss"] for r in runs[0][1]])
     summary = {"runs": [], "lines": [], "max_gap_pct": 0.0}
     fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 1.3])
-    base_by_step = {r["step"]: r["loss"] for r in runs[0][1]}
+    base_by_tokens = {r["tokens"]: r["loss"] for r in runs[0][1]}
     for d, rows in runs:
         steps = [r["step"] for r in rows]
         losses = [r["loss"] for r in rows]
@@ -76,11 +77,12 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
         summary["lines"].append(
             f"{_label(d):40s} loss {losses[0]:.3f} → {final:.3f} (last 10% mean)  gap {gap:+.2f}%"
         )
-        (line,) = ax.plot(steps, ema(losses), label=_label(d), linewidth=1.4)
-        ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
-        common = [s for s in steps if s in base_by_step]
-        rel = [100.0 * (r["loss"] - base_by_step[r["step"]]) / base_by_step[r["step"]]
-               for r in rows if r["step"] in base_by_step]
+        tokens = [r["tokens"] for r in rows]
+        (line,) = ax.plot(tokens, ema(losses), label=_label(d), linewidth=1.4)
+        ax.plot(tokens, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+        common = [t for t in tokens if t in base_by_tokens]
+        rel = [100.0 * (r["loss"] - base_by_tokens[r["tokens"]]) / base_by_tokens[r["tokens"]]
+               for r in rows if r["tokens"] in base_by_tokens]
         axr.plot(common, ema(rel), color=line.get_color(), linewidth=1.2)
     ax.set_ylabel("training loss")
     ax.set_title("loss curves (EMA 0.9 solid, raw faint)")
@@ -88,11 +90,63 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
     ax.grid(alpha=0.3)
     axr.axhline(0, color="grey", linewidth=0.8)
     axr.set_ylabel("gap vs first, EMA (%)")
-    axr.set_xlabel("step")
+    axr.set_xlabel("tokens consumed")
     axr.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
+    summary["config_differences"] = config_differences([d for d, _ in runs])
     (out / "compare.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "lines"}, indent=1))
-    summary["lines"].append(f"plot: {out / 'loss_curves.png'}")
+    _write_html(out, summary)
+    summary["lines"].append(f"plot: {out / 'loss_curves.png'}  report: {out / 'report.html'}")
     return summary
+
+
+def _flatten(node, prefix=""):
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_differences(run_dirs: list[Path]) -> dict:
+    """{key: [value per run]} for every resolved-config key whose value differs between runs
+    (run.* keys, which always differ, are left out)."""
+    import yaml
+
+    flats = []
+    for d in run_dirs:
+        f = Path(d) / "config.yaml"
+        flats.append(_flatten(yaml.safe_load(f.read_text())) if f.exists() else {})
+    keys = sorted(set().union(*flats))
+    return {
+        k: [f.get(k) for f in flats]
+        for k in keys
+        if not k.startswith("run.") and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1
+    }
+
+
+def _write_html(out: Path, summary: dict) -> None:
+    """A self-contained report: the plot inlined, the final-loss table, the config differences."""
+    import base64
+    import html
+
+    png = base64.b64encode((out / "loss_curves.png").read_bytes()).decode()
+    rows = "".join(
+        f"<tr><td>{html.escape(r['run'])}</td><td>{r['steps']}</td><td>{r['first_loss']:.4f}</td>"
+        f"<td>{r['final_loss']:.4f}</td><td>{r['gap_pct']:+.2f}%</td></tr>"
+        for r in summary["runs"]
+    )
+    diffs = "".join(
+        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>"
+        for k, vals in summary["config_differences"].items()
+    ) or "<tr><td colspan=9>none</td></tr>"
+    (out / "report.html").write_text(f"""<!doctype html><meta charset="utf-8"><title>hymoe compare</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}</style>
+<h1>Loss-curve comparison</h1><img src="data:image/png;base64,{png}" width="100%">
+<h2>Final loss (mean of the last 10% of steps)</h2>
+<table><tr><th>run</th><th>steps</th><th>first loss</th><th>final loss</th><th>gap vs first</th></tr>{rows}</table>
+<h2>Config differences</h2><table>{diffs}</table>
+""")
