@@ -9,8 +9,8 @@ FP32 per-tensor amax scale + E4M3 block scales) -> dequantize to float32, the me
 ``--repeats`` calls after one warm-up call (the compile of the compiled row is timed separately).
 Throughput is input elements per second; "x torchao" compares with torchao's
 ``NVFP4Tensor.to_nvfp4(x, per_tensor_scale=...)`` + ``.dequantize()`` (amax included in both).
-The "agree" column is the fraction of dequantized values equal to torchao's (they differ only at
-exact rounding midpoints, see tests/test_nvfp4.py).
+The "agree" column is the fraction of dequantized values within 2 float32 ulps of torchao's (the two
+scale in a different order; codes differ only at exact rounding midpoints, see tests/test_nvfp4.py).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def bench(device: str, rows: int, cols: int, repeats: int) -> list[dict]:
     for r in results:
         r["x_torchao"] = ao["median_s"] / r["median_s"] if ao else None
         if ao and r["method"].startswith("hymoe"):
-            r["agree"] = (outputs[r["method"]] == outputs[ao["method"]]).float().mean().item()
+            a, b = outputs[r["method"]], outputs[ao["method"]]
+            r["agree"] = ((a - b).abs() <= 2.0**-22 * b.abs()).float().mean().item()
     return results
 
 

@@ -5,9 +5,10 @@ writes files and the console (checkpointing involves every rank)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
+
+import torch
 
 
 class Callback:
@@ -83,6 +84,62 @@ class ConsoleProgress(Callback):
     def on_train_end(self, trainer):
         if self._progress:
             self._progress.stop()
+
+
+class ExpertLoad(Callback):
+    """Per MoE layer, how evenly the router spreads tokens: max and mean tokens per expert over the
+    step, logged as ``moe/max_over_mean`` (1.0 is perfect balance; the worst layer) and per layer
+    (``moe/layer{i}/max_over_mean``, i the global layer index). Counts come from a forward hook on
+    megatron-core's router (its routing map); one [moe layers, experts] tensor summed over all ranks,
+    so every pipeline stage contributes its own layers."""
+
+    def __init__(self):
+        self.layers: list[int] = []
+        self.counts: torch.Tensor | None = None
+        self.handles = []
+
+    def on_train_start(self, trainer):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        from hymoe.model.pattern import MOE
+
+        pattern = trainer.cfg.model.layer_pattern
+        self.layers = [i for i, s in enumerate(pattern) if s == MOE]
+        if not self.layers:
+            return
+        self.counts = torch.zeros(len(self.layers), trainer.cfg.model.num_experts)
+        for chunk in trainer.chunks:
+            decoder = getattr(getattr(chunk, "module", chunk), "decoder", None)
+            if decoder is None:
+                continue
+            for local, layer in enumerate(decoder.layers):
+                for module in layer.modules():
+                    if isinstance(module, TopKRouter):
+                        row = self.layers.index(layer.layer_number - 1)
+                        self.handles.append(module.register_forward_hook(self._hook(row)))
+
+    def _hook(self, row):
+        def hook(module, inputs, output):
+            self.counts[row] += output[1].detach().sum(0).float().cpu()
+        return hook
+
+    def on_step_end(self, trainer, m):
+        if self.counts is None:
+            return
+        import torch.distributed as dist
+
+        counts = self.counts.cuda() if torch.cuda.is_available() else self.counts.clone()
+        dist.all_reduce(counts)
+        ratios = (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).tolist()
+        for layer, r in zip(self.layers, ratios):
+            m[f"moe/layer{layer}/max_over_mean"] = r
+        m["moe/max_over_mean"] = max(ratios)
+        self.counts.zero_()
+
+    def on_train_end(self, trainer):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 class Wandb(Callback):

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 
 from hymoe.train import checkpoint as ckpt
-from hymoe.train.callbacks import Checkpointer, ConsoleProgress, MetricsFile, NaNGuard, Wandb
+from hymoe.train.callbacks import (
+    Checkpointer, ConsoleProgress, ExpertLoad, MetricsFile, NaNGuard, Wandb,
+)
 from hymoe.train.config import ConfigError, HymoeConfig, validate
 from hymoe.train.recipe import to_yaml
 
@@ -133,6 +135,8 @@ class Trainer:
             )
         self._resume()
         self.callbacks = [
+            # ExpertLoad first: it adds its numbers to the step's metrics for the others to log.
+            ExpertLoad(),
             MetricsFile(self.run_dir),
             ConsoleProgress(cfg.train.log_interval, cfg.logging.progress),
             Wandb(cfg.logging.wandb, cfg.logging.wandb_project, self.run_dir, cfg.run.name,

@@ -1,0 +1,29 @@
+"""A dist-checkpoint saved under TP=2 × EP=2 (LatentMoE hybrid, 2 gloo processes) converts to the
+HF nemotron_h format (hymoe.model.hf.checkpoint_to_hf: megatron-core reshards it onto one process),
+and transformers' NemotronHForCausalLM then gives the logits the parallel model computed."""
+
+import pytest
+import torch
+
+from helpers import REPO, torchrun
+from hymoe.model import hf
+
+WORKER = REPO / "tests" / "distributed" / "hf_convert_worker.py"
+
+
+@pytest.mark.distributed
+def test_tp2_ep2_checkpoint_to_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torchrun(WORKER, 2, str(tmp_path))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_convert_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)  # for MODEL and VOCAB only (main() is not run)
+    out = hf.checkpoint_to_hf(tmp_path / "ckpt", worker.MODEL, worker.VOCAB, tmp_path / "hf")
+    ref = torch.load(tmp_path / "logits.pt")
+    model = transformers.NemotronHForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(ref["tokens"], use_cache=False).logits
+    assert (logits - ref["logits"]).abs().max().item() <= 1e-4
+    assert ref["logits"].abs().max() > 0.1
