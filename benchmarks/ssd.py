@@ -4,9 +4,9 @@ mamba-ssm sources are installed, its ``ssd_minimal_discrete`` — same inputs, i
 
 Each implementation runs ``--repeats`` forward+backward passes after one warm-up, interleaved with
 the others so that a noisy shared machine slows them alike; the speed-up is taken on the best
-(minimum) time of each, which other processes can only make worse, and the median is printed too. Before timing, the
-outputs and every input gradient are compared with transformers' (max abs difference, relative to
-the largest value): "equal results" is part of the measurement.
+(minimum) time of each, which other processes can only make worse; the median is printed too.
+Before timing, the output and every input gradient are compared with transformers' (max abs
+difference relative to the largest value): "equal results" is part of the measurement.
 
     python benchmarks/ssd.py [--device cpu|cuda] [--repeats 5] [--shapes small,nano_2k,long_8k]
 """
@@ -76,7 +76,7 @@ def load_ssd_minimal():
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "modules" / "ssd_minimal.py"
+    path = Path(next(iter(spec.submodule_search_locations))) / "modules" / "ssd_minimal.py"
     if not path.exists():
         return None
     module_spec = importlib.util.spec_from_file_location("_ssd_minimal", path)
@@ -89,7 +89,7 @@ def minimal_path(fn):
     import torch.nn.functional as F
 
     def run(t, chunk):
-        h, p = t["x"].shape[2], t["x"].shape[3]
+        h = t["x"].shape[2]
         dt = F.softplus(t["dt"] + t["dt_bias"])
         rep = h // t["B"].shape[2]
         B = t["B"].repeat_interleave(rep, dim=2)
@@ -127,7 +127,7 @@ def time_all(fns: dict, shape, device, repeats) -> dict:
     g = torch.randn(shape[:2] + shape[2:4], generator=torch.Generator().manual_seed(1)).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up
+    for fn in fns.values():  # warm-up
         fwd_bwd(fn, t, chunk, g)
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -171,8 +171,9 @@ def main():
     for r in rows:
         cells = [f"{r[k + '_best_s'] * 1e3:.0f} / {r[k + '_median_s'] * 1e3:.0f} ms"
                  for k in fns]
+        speedup, diff = r["speedup_vs_transformers"], r["max_rel_diff_vs_transformers"]
         print(f"| {r['shape']} {tuple(r['b_L_H_P_G_N_chunk'])} | " + " | ".join(cells)
-              + f" | {r['speedup_vs_transformers']:.2f}× | {r['max_rel_diff_vs_transformers']:.1e} |")
+              + f" | {speedup:.2f}× | {diff:.1e} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -2,7 +2,7 @@
 transformers' ``NemotronHForCausalLM`` reads (config.json + safetensors).
 
     to_hf(model_or_state, path, model_cfg=None)   hymoe/megatron-core (TP=PP=EP=1) → HF folder
-    load_hf(path) → (ModelConfig, vocab, state)    HF folder → megatron state dict, no model built
+    load_hf(path) → (ModelConfig, vocab, state)    HF folder → megatron state dict (no model)
     from_hf(path) → MambaModel                     the same, built on CPU in this process
     checkpoint_to_hf(ckpt, model_cfg, vocab, out)  a dist-checkpoint of any TP/PP/EP layout → HF
 
@@ -208,8 +208,9 @@ def _layer_names(symbol: str, cfg: ModelConfig) -> list[tuple[str, str]]:
         names += [("mlp.fc1_latent_proj.weight", "mixer.fc1_latent_proj.weight"),
                   ("mlp.fc2_latent_proj.weight", "mixer.fc2_latent_proj.weight")]
     for k in range(cfg.num_experts):
-        names += [(f"mlp.experts.local_experts.{k}.linear_fc1.weight", f"mixer.experts.{k}.up_proj.weight"),
-                  (f"mlp.experts.local_experts.{k}.linear_fc2.weight", f"mixer.experts.{k}.down_proj.weight")]
+        ours, theirs = f"mlp.experts.local_experts.{k}.", f"mixer.experts.{k}."
+        names += [(ours + "linear_fc1.weight", theirs + "up_proj.weight"),
+                  (ours + "linear_fc2.weight", theirs + "down_proj.weight")]
     return names
 
 
@@ -397,7 +398,7 @@ def to_hf(
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write ``path/config.json`` and safetensors that ``NemotronHForCausalLM.from_pretrained`` reads.
+    """Write ``path/config.json`` and the safetensors that ``NemotronHForCausalLM`` loads.
 
     ``model_or_state``: a hymoe model (TP=PP=EP=1; the whole model in this process) or its
     ``state_dict()``; a state dict needs ``model_cfg`` (and ``vocab_size`` unless the config has
@@ -417,10 +418,12 @@ def to_hf(
         raise HFConversionError("vocab_size: unknown; pass vocab_size=")
     tensors = megatron_to_hf_state(state, model_cfg)
     if dtype is not None:
-        tensors = {
-            k: (t.float() if k.endswith(_FP32_KEYS) else t.to(dtype)) if t.is_floating_point() else t
-            for k, t in tensors.items()
-        }
+        def cast(key, t):
+            if not t.is_floating_point():
+                return t
+            return t.float() if key.endswith(_FP32_KEYS) else t.to(dtype)
+
+        tensors = {k: cast(k, t) for k, t in tensors.items()}
     out_dtype = dtype or tensors["backbone.embeddings.weight"].dtype
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -458,7 +461,9 @@ def build_single_process(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype =
                  parallel_state.get_expert_model_parallel_world_size(),
                  parallel_state.get_context_parallel_world_size())
         if sizes != (1, 1, 1, 1):
-            raise HFConversionError(f"the whole model needs TP=PP=EP=CP=1, this process has {sizes}")
+            raise HFConversionError(
+                f"the whole model needs TP=PP=EP=CP=1; this process has {sizes}"
+            )
     else:
         initialize_model_parallel(ParallelConfig(), seed=seed)
     tconfig = build_transformer_config(cfg, params_dtype=dtype, perform_initialization=initialize)
@@ -478,7 +483,9 @@ def load_into(model, state: dict) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise HFConversionError(f"state mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise HFConversionError(
+            f"state mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
 
 
 def from_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

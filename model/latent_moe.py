@@ -65,7 +65,8 @@ class LatentProjection(MegatronModule):
         return F.linear(x, self.weight), None
 
     def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, duplicated"
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}, duplicated"
 
 
 class _NoExperts(torch.nn.Module):
@@ -89,10 +90,10 @@ def _latent_hidden_from(config: TransformerConfig):
 
 
 class LatentMoELayer(MoELayer):
-    """megatron-core's MoELayer with hidden→latent before dispatch and latent→hidden after combine.
+    """megatron-core's MoELayer with d → ℓ before dispatch and ℓ → d after combine.
 
-    Input/output ``[s, b, d]`` (s local under sequence parallel); the dispatcher, experts and combine
-    see ``[tokens, ℓ]``. Shared-expert overlap with the dispatcher is not supported (as in
+    Input/output ``[s, b, d]`` (s local under sequence parallel); the dispatcher, experts and
+    combine see ``[tokens, ℓ]``. Shared-expert overlap with the dispatcher is not supported (as in
     megatron-core's own latent MoE): the shared expert runs on x at d.
     """
 

@@ -12,6 +12,7 @@ WORKER = REPO / "tests" / "distributed" / "hf_convert_worker.py"
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~25 s of torchrun start-up and imports on 2 cores; ~50 s on a loaded machine
 def test_tp2_ep2_checkpoint_to_hf(tmp_path):
     transformers = pytest.importorskip("transformers")
     torchrun(WORKER, 2, str(tmp_path))
