@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.ssm.mamba_block import MambaStack
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -11,6 +10,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from hymoe.model.config import ModelConfig
 from hymoe.model.norm import RMSNorm
 from hymoe.model.pattern import MOE
+from hymoe.model.mtp import HybridModel, mtp_transformer_layer_spec
 from hymoe.model.specs import hybrid_stack_submodules
 
 
@@ -50,16 +50,18 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     pg_collection=None,
-) -> MambaModel:
+) -> HybridModel:
     """The hybrid model for this pipeline stage (all of it when pp=1), on CPU in params_dtype."""
-    spec = ModuleSpec(
-        module=HybridStack,
-        submodules=hybrid_stack_submodules(model.num_experts if MOE in model.layer_pattern else None),
-    )
+    uses_moe = MOE in model.layer_pattern or any(MOE in d for d in model.mtp_depths)
+    stack = hybrid_stack_submodules(model.num_experts if uses_moe else None)
+    spec = ModuleSpec(module=HybridStack, submodules=stack)
     kwargs = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
-    return MambaModel(
+    if model.mtp_depths:
+        kwargs.update(mtp_layer_spec=mtp_transformer_layer_spec(stack, model.mtp_depths[0]),
+                      mtp_depths=len(model.mtp_depths), mtp_shared_layer=model.mtp_shared_layer)
+    return HybridModel(
         config=config,
         mamba_stack_spec=spec,
         vocab_size=vocab_size,

@@ -52,6 +52,10 @@ class ModelConfig:
     # router and shared expert stay at hidden_size. null: plain MoE.
     moe_latent_size: Optional[int] = None
     untie_embeddings_and_output_weights: bool = True
+    # Multi-Token Prediction (depths come from the pattern's '/' parts): one layer shared by all
+    # depths (Nemotron 3 Super) or one per depth; weight of the averaged MTP loss in the total.
+    mtp_shared_layer: bool = False
+    mtp_loss_scale: float = 0.3
 
     def validate(self) -> None:
         try:
@@ -101,11 +105,15 @@ class ModelConfig:
     def layer_pattern(self) -> str:
         return parse(self.pattern).layers
 
+    @property
+    def mtp_depths(self) -> tuple[str, ...]:
+        return parse(self.pattern).mtp
+
     def to_transformer_kwargs(self) -> dict:
         """Architecture fields of megatron-core's TransformerConfig (no parallel/precision ones)."""
         from megatron.core.activations import squared_relu
 
-        has_moe = MOE in self.layer_pattern
+        has_moe = MOE in self.layer_pattern or any(MOE in d for d in self.mtp_depths)
         kw = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -143,4 +151,6 @@ class ModelConfig:
                 moe_grouped_gemm=False,
                 moe_latent_size=self.moe_latent_size,
             )
+        if self.mtp_depths:
+            kw.update(mtp_num_layers=len(self.mtp_depths), mtp_loss_scaling_factor=self.mtp_loss_scale)
         return kw

@@ -78,6 +78,7 @@ class ConsoleProgress(Callback):
                 f"step {m['step']:>6}/{trainer.cfg.train.steps} | loss {m['loss']:.4f} | "
                 f"lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f} | "
                 f"tok/s {m['tokens_per_s']:,.0f} | tokens {m['tokens']:,}"
+                + "".join(f" | {k} {v:.4f}" for k, v in m.items() if k.startswith("mtp_loss/"))
                 + (" | SKIPPED" if m["skipped"] else "")
             )
 

@@ -42,6 +42,10 @@ def build_model_chunks(
         moe_token_dispatcher_type=layout.moe_dispatcher,
         calculate_per_token_loss=True,
     )
+    # megatron-core sizes its process-wide MoE aux-loss tracker for the first model it sees.
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
     model = build_model(
         model_cfg,
         config,

@@ -8,7 +8,7 @@ microbatch count, DP size or pipeline split — which is what the layout equalit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
 
@@ -29,6 +29,7 @@ class StepResult:
     tokens: int  # loss tokens in the global batch
     grad_norm: float  # before clipping
     skipped: bool  # the optimizer refused the update (non-finite grads)
+    extra: dict = field(default_factory=dict)  # e.g. MTP losses per depth
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, poison: bool = False):
@@ -51,7 +52,7 @@ def forward_step(data_iterator: Iterator[dict], model, poison: bool = False):
     tokens = batch["tokens"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev, non_blocking=True)
     loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
-    output = model(tokens, None, None, labels=labels)
+    output = model(tokens, None, None, labels=labels, loss_mask=loss_mask)
     return output, partial(_loss_func, loss_mask, poison=poison)
 
 
@@ -118,4 +119,37 @@ def train_step(
     ok, grad_norm = guarded_optimizer_step(optimizer, loss)
     if ok and scheduler is not None:
         scheduler.step(increment=1)
-    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok)
+    extra = _mtp_losses(model_chunks)
+    extra.update(_moe_aux_losses(num_microbatches))
+    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok, extra=extra)
+
+
+def _moe_aux_losses(num_microbatches: int) -> dict:
+    """megatron-core's MoE routers add their auxiliary losses (unscaled) to a process-wide
+    tracker, one slot per layer; report their mean over layers with entries and microbatches (this
+    rank's view) and empty the tracker, which megatron would otherwise keep adding to."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    out = {}
+    for name, entry in tracker.items():
+        values = entry["values"]
+        used = values[values != 0]
+        if used.numel():
+            out[f"moe/{name}"] = float(used.mean()) / num_microbatches
+    tracker.clear()
+    return out
+
+
+def _mtp_losses(model_chunks) -> dict:
+    """Token-mean MTP loss per depth over the global batch (the model accumulates per microbatch)."""
+    for chunk in model_chunks:
+        model = getattr(chunk, "module", chunk)
+        report = getattr(model, "mtp_report", None)
+        if report is None:
+            continue
+        total = report.clone().to("cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        report.zero_()
+        return {f"mtp_loss/depth{k + 1}": float(s / max(n, 1.0)) for k, (s, n) in enumerate(total.tolist())}
+    return {}

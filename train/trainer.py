@@ -239,6 +239,7 @@ class Trainer:
                     "tokens": self.tokens, "grad_norm": r.grad_norm, "skipped": r.skipped,
                     "step_time_s": dt, "tokens_per_s": cfg.train.global_batch * cfg.train.seq_len / dt,
                 }
+                m.update(r.extra)
                 if r.skipped:
                     m["data_position"] = {k: position.get(k) for k in ("epoch", "cursor", "offset")}
                 history.append(m)

@@ -24,6 +24,10 @@ from hymoe.train.step import train_step
 
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 3, 4, 32, 256
 MODEL = ModelConfig(pattern="M*E-", num_experts=4, moe_router_topk=2)
+# The same stack plus two Multi-Token Prediction depths sharing one attention+MoE layer (Super's
+# arrangement); hymoe runs MTP with pp=1 and tp=1 for now (docs/model.md), so the pp2 and tp2
+# layouts run only the plain model.
+MTP_MODEL = ModelConfig(pattern="M*E-/*E/*E", num_experts=4, moe_router_topk=2, mtp_shared_layer=True)
 LAYOUTS = {
     "tp2": ParallelConfig(tp=2),
     "ep2": ParallelConfig(ep=2, moe_dispatcher="alltoall"),
@@ -43,13 +47,13 @@ def batches(step: int, dp_rank: int, dp_size: int):
     ]
 
 
-def run(layout: ParallelConfig, init_dir: str, save_init: bool) -> list[dict]:
+def run(layout: ParallelConfig, init_dir: str, save_init: bool, model=MODEL) -> list[dict]:
     from megatron.core import parallel_state
 
     initialize_model_parallel(layout, seed=1234)
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    chunks, _ = build_model_chunks(MODEL, layout, VOCAB)
+    chunks, _ = build_model_chunks(model, layout, VOCAB)
     if save_init:
         save_model_weights(chunks, init_dir)
     else:
@@ -61,7 +65,7 @@ def run(layout: ParallelConfig, init_dir: str, save_init: bool) -> list[dict]:
     for step in range(STEPS):
         micro = batches(step, dp_rank, dp)
         r = train_step(chunks, optimizer, scheduler, iter(micro), len(micro), SEQ, 1)
-        out.append({"loss": r.loss, "grad_norm": r.grad_norm, "tokens": r.tokens})
+        out.append({"loss": r.loss, "grad_norm": r.grad_norm, "tokens": r.tokens, **r.extra})
     return out
 
 
@@ -69,11 +73,16 @@ def main():
     mode, workdir = sys.argv[1], sys.argv[2]
     rank, world = init_distributed()
     init_dir = os.path.join(workdir, "init")
+    mtp_init = os.path.join(workdir, "init_mtp")
     if mode == "reference":
-        results = {"reference": run(ParallelConfig(), init_dir, save_init=True)}
+        results = {"reference": run(ParallelConfig(), init_dir, save_init=True),
+                   "reference_mtp": run(ParallelConfig(), mtp_init, save_init=True, model=MTP_MODEL)}
     else:
         names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(LAYOUTS)
         results = {name: run(LAYOUTS[name], init_dir, save_init=False) for name in names}
+        for name in names:
+            if LAYOUTS[name].pp == 1 and LAYOUTS[name].tp == 1:
+                results[name + "_mtp"] = run(LAYOUTS[name], mtp_init, save_init=False, model=MTP_MODEL)
     if rank == 0:
         with open(os.path.join(workdir, f"{mode}.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -1,0 +1,144 @@
+"""Multi-Token Prediction for the hybrid model, on megatron-core's MTP block.
+
+megatron-core 0.16.1's ``MambaModel`` has no MTP; its ``GPTModel`` does. ``HybridModel`` adds
+megatron-core's own ``MultiTokenPredictionBlock`` to the hybrid model: depth k combines the depth
+k−1 hidden state of token i with the embedding of token i+k (``eh_proj``), runs one transformer layer
+(attention + MoE for Nemotron 3 Super), and predicts token i+k+1 with the shared output head. The
+depth losses are averaged and scaled by ``mtp_loss_scale`` into the main loss (megatron's
+``MTPLossAutoScaler``), and reported separately (``mtp_report``).
+
+With ``mtp_shared_layer`` every depth runs the same layer (same parameters), as in Super (2 depths
+sharing one layer). MTP runs on the last pipeline stage; hymoe supports it with pp = 1 for now.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.mamba.mamba_model import MambaModel
+from megatron.core.transformer.multi_token_prediction import (
+    MTPLossAutoScaler,
+    MultiTokenPredictionBlock,
+    MultiTokenPredictionBlockSubmodules,
+    MultiTokenPredictionLayer,
+    MultiTokenPredictionLayerSubmodules,
+    roll_tensor,
+)
+from megatron.core.ssm.mamba_block import MambaStackSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from hymoe.model.norm import RMSNorm
+from hymoe.model.pattern import MOE
+
+
+def mtp_transformer_layer_spec(stack: MambaStackSubmodules, depth: str) -> ModuleSpec:
+    """One MTP depth's transformer layer ("*E": attention + MoE, "*-": attention + MLP), made of
+    the same attention and MLP/MoE specs as the main stack's layers."""
+    attention = stack.attention_layer.submodules
+    ffn = stack.moe_layer if depth[1] == MOE else stack.mlp_layer
+    return ModuleSpec(
+        module=ffn.module if depth[1] == MOE else TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=attention.input_layernorm,
+            self_attention=attention.self_attention,
+            self_attn_bda=attention.self_attn_bda,
+            pre_mlp_layernorm=ffn.submodules.pre_mlp_layernorm,
+            mlp=ffn.submodules.mlp,
+            mlp_bda=ffn.submodules.mlp_bda,
+        ),
+    )
+
+
+def mtp_block_spec(transformer_layer_spec: ModuleSpec, layers: int) -> ModuleSpec:
+    layer = ModuleSpec(
+        module=MultiTokenPredictionLayer,
+        submodules=MultiTokenPredictionLayerSubmodules(
+            enorm=RMSNorm, hnorm=RMSNorm,
+            eh_proj=tensor_parallel.ColumnParallelLinear,
+            transformer_layer=transformer_layer_spec, layer_norm=RMSNorm,
+        ),
+    )
+    return ModuleSpec(
+        module=MultiTokenPredictionBlock,
+        submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * layers),
+    )
+
+
+class SharedLayerMTPBlock(MultiTokenPredictionBlock):
+    """An MTP block whose one layer runs at every depth (the same parameters each time).
+
+    Built with a single layer rather than the same module listed twice: a module listed twice
+    would be saved under two checkpoint keys with conflicting tensor-parallel sharding."""
+
+    def __init__(self, config, spec, depths: int, pg_collection=None):
+        super().__init__(config=config, spec=spec, pg_collection=pg_collection)
+        assert len(self.layers) == 1
+        self.depths = depths
+
+    def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding=None, **_):
+        outputs = [hidden_states]
+        for _ in range(self.depths):
+            hidden_states, input_ids, position_ids = self.layers[0](
+                input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
+                attention_mask=attention_mask, embedding=embedding,
+            )
+            outputs.append(hidden_states)
+        return torch.cat(outputs, dim=0)
+
+
+class HybridModel(MambaModel):
+    """megatron-core's MambaModel plus an optional MTP block (training forward only)."""
+
+    def __init__(self, *args, mtp_layer_spec: ModuleSpec | None = None, mtp_depths: int = 0,
+                 mtp_shared_layer: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mtp_process = mtp_layer_spec is not None and self.post_process
+        self.mtp_depths = mtp_depths
+        # Per depth: [loss sum, tokens] accumulated over microbatches; the train step reads and
+        # resets it (logging only; gradients flow through MTPLossAutoScaler).
+        self.mtp_report = None
+        if self.mtp_process:
+            if mtp_shared_layer:
+                self.mtp = SharedLayerMTPBlock(
+                    self.config, mtp_block_spec(mtp_layer_spec, 1), mtp_depths, self.pg_collection
+                )
+            else:
+                self.mtp = MultiTokenPredictionBlock(
+                    config=self.config, spec=mtp_block_spec(mtp_layer_spec, mtp_depths),
+                    pg_collection=self.pg_collection,
+                )
+            self.mtp_report = torch.zeros(mtp_depths, 2, dtype=torch.float64)
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                inference_context=None, runtime_gather_output=None, *, loss_mask=None, **kwargs):
+        if not self.mtp_process or labels is None:
+            return super().forward(
+                input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                labels=labels, inference_context=inference_context,
+                runtime_gather_output=runtime_gather_output, **kwargs,
+            )
+        if position_ids is None:  # MTP rolls them with the tokens; no positional embedding uses them
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask)
+        depths = self.mtp_depths
+        hidden = self.mtp(input_ids=input_ids, position_ids=position_ids, hidden_states=hidden,
+                          attention_mask=attention_mask, embedding=self.embedding)
+        chunks = torch.chunk(hidden, 1 + depths, dim=0)
+        hidden = chunks[0]
+        mtp_labels = labels.clone()
+        mask = torch.ones_like(mtp_labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        scale = self.config.mtp_loss_scaling_factor / depths
+        for k in range(depths):
+            logits, _ = self.output_layer(chunks[k + 1])
+            mtp_labels, _ = roll_tensor(mtp_labels, shifts=-1, dims=-1, cp_group=self.cp_group)
+            mask, num_tokens = roll_tensor(mask, shifts=-1, dims=-1, cp_group=self.cp_group)
+            loss = self.compute_language_model_loss(mtp_labels, logits) * mask
+            self.mtp_report[k, 0] += float(loss.detach().sum())
+            self.mtp_report[k, 1] += float(num_tokens)
+            # Per-token loss accounting (calculate_per_token_loss): the sum, not the mean.
+            hidden = MTPLossAutoScaler.apply(hidden, scale * loss)
+        logits, _ = self.output_layer(hidden)
+        return self.compute_language_model_loss(labels, logits)
