@@ -90,8 +90,11 @@ class PackedStream:
             for ds in self.datasets:
                 _check_sizes(ds)
         self._fixed_streams = num_streams
-        n = num_streams or min(max(AUTO_STREAMS, dp_size * max(1, num_workers)),
-                               min(d.n_docs for d in self.datasets))
+        smallest = min(self.datasets, key=lambda d: d.n_docs)
+        if smallest.n_docs < dp_size:
+            raise DataError(f"dataset '{smallest.name}' ({smallest.path}) has {smallest.n_docs} "
+                            f"documents, fewer than dp_size={dp_size}; every rank needs one")
+        n = num_streams or min(max(AUTO_STREAMS, dp_size * max(1, num_workers)), smallest.n_docs)
         self._pool = None
         self._layout(n, rr=0, base_tokens=0, states={})
 

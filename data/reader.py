@@ -75,9 +75,8 @@ class ShardCache:
             return self._fail(key, f"{path}: shard missing")
         stamp = (str(path), st.st_size, st.st_mtime_ns)
         if stamp not in self._checked:
-            # Hash with large sequential reads, not through the mapping: from a cold cache, page
-            # faults fetch a page or a few at a time (several times slower); afterwards the mapped
-            # pages are in the page cache.
+            # Hashed by plain sequential reads (a bounded buffer), not through the mapping; the
+            # pages it reads stay in the page cache for the mapping.
             if st.st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                 problems = shard_problems(_map(path), ds.manifest, index)
                 return self._fail(key, f"{path}: corrupt shard: {'; '.join(problems)}")

@@ -9,18 +9,17 @@ linears, including MoE experts and shared experts.
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
-
 from hymoe.precision import nvfp4
 from hymoe.precision.config import PrecisionConfig
 from hymoe.precision.emulated_linear import NVFP4Recipe, quantized_linear
 from hymoe.precision.policy import decide, layer_index
 from hymoe.precision.rng import StochasticRoundingRNG
 from hymoe.precision.telemetry import Telemetry
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 
 _QUANTIZED = ("nvfp4", "mxfp8")
 
@@ -91,7 +90,6 @@ def apply_precision(
     zeroed NVFP4 gradient is a hard error, as before.
     """
     import torch.distributed as dist
-
     from hymoe.parallel.setup import device
 
     report = plan(model, cfg, model.config.num_layers)

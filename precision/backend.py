@@ -24,7 +24,6 @@ import os
 import sys
 
 import torch
-
 from hymoe.precision.config import PrecisionConfig, PrecisionConfigError
 
 MIN_CAPABILITY = (10, 0)
@@ -98,11 +97,11 @@ def _apply_te_environment(cfg: PrecisionConfig) -> None:
     recipe_mod = sys.modules.get("transformer_engine.common.recipe")
     cls = getattr(recipe_mod, "NVFP4BlockScaling", None) if recipe_mod else None
     if cls is not None:
-        for field in TE_RECIPE_ENV:
+        for field, env in TE_RECIPE_ENV.items():
             if bool(getattr(cls, field, getattr(cfg, field))) != getattr(cfg, field):
                 raise PrecisionConfigError(
                     f"precision.{field}={getattr(cfg, field)}, but Transformer Engine was imported "
-                    f"before hymoe could set {TE_RECIPE_ENV[field]}; set it in the environment"
+                    f"before hymoe could set {env}; set it in the environment"
                 )
 
 

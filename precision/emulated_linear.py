@@ -55,6 +55,8 @@ def _check_gradient_not_zeroed(src: torch.Tensor, deq: torch.Tensor, name: str) 
     # with SR on one GPU family), not a result. _assert_async does not synchronise a CUDA stream.
     # Used when no Telemetry is attached; with one, the check names the layer and warns instead
     # (Telemetry.watch_gradient, reported once per step by Telemetry.end_step).
+    if not src.numel():  # an expert that received no tokens
+        return
     ok = (src.abs().amax() == 0) | (deq.abs().amax() > 0)
     torch._assert_async(ok, f"{name}: a non-zero gradient quantized to all zeros")
 
@@ -62,7 +64,7 @@ def _check_gradient_not_zeroed(src: torch.Tensor, deq: torch.Tensor, name: str) 
 class _Probe:
     """Where a GEMM reports to: the layer's name and the Telemetry (both optional)."""
 
-    __slots__ = ("name", "telemetry", "fmt")
+    __slots__ = ("fmt", "name", "telemetry")
 
     def __init__(self, name: str | None, telemetry: Telemetry | None, fmt: str):
         self.name, self.telemetry, self.fmt = name or "<unnamed>", telemetry, fmt

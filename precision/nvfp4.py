@@ -225,7 +225,8 @@ class NVFP4Tensor:
         data = self.data.reshape(-1, BLOCK // 2)
         scale = self.block_scales().reshape(-1, 1)
         vals = _kernel("dequantize", data)(data, scale, self.global_amax)
-        vals = vals.view(*self.data.shape[:-1], -1)[tuple(slice(0, n) for n in self.shape)]
+        vals = vals.view(*self.data.shape[:-1], 2 * self.data.shape[-1])
+        vals = vals[tuple(slice(0, n) for n in self.shape)]
         return vals.to(dtype)
 
 
@@ -270,7 +271,9 @@ def quantize(
         # One row per 16-element block: the same kernel (and one compiled graph) for every shape.
         xb, ub = xf.view(-1, BLOCK), (u.view(-1, BLOCK) if u is not None else None)
         data, scale, global_amax = _kernel("quantize_1d", xb, stochastic)(xb, ub)
-        data, scale = data.view(*xf.shape[:-1], -1), scale.view(*xf.shape[:-1], -1)
+        kp = xf.shape[-1]
+        data = data.view(*xf.shape[:-1], kp // 2)
+        scale = scale.view(*xf.shape[:-1], kp // BLOCK)
     return NVFP4Tensor(data, scale, global_amax, shape, two_d=two_d, rht=rht)
 
 
@@ -308,23 +311,15 @@ def _quantize_tiles(xf: torch.Tensor, u: torch.Tensor | None):
 
 def _dequantize_blocks(data: torch.Tensor, scale: torch.Tensor, global_amax: torch.Tensor):
     """value(code)·float(s8)·D for packed blocks data [n, 8] with E4M3 scales [n, 1] -> float32
-    [n, 16]. (value·s8)·D in this order: value·s8 is exact, so one rounding in all."""
-    s = scale.to(torch.float32)
-    decode = global_decode_scale(global_amax)
-    if not torch.compiler.is_compiling():
-        return packed_to_float(data) * s * decode  # one int32 look-up per byte: ~3x per code
-    # Compiled: the same products on magnitudes, then the code's sign bit set with integer ops.
-    # Inductor compiles with -fno-signed-zeros, which would turn code 8's -0.0 into +0.0; the
-    # magnitudes are rounded exactly as the signed values (round-to-nearest-even is symmetric).
-    codes = unpack_e2m1(data)
-    vals = _value_table(data.device)[(codes & 7).long()] * s * decode
-    sign = (codes >> 3).to(torch.int32) << 31
-    return (vals.view(torch.int32) | sign).view(torch.float32)
+    [n, 16]. (value·s8)·D in this order: value·s8 is exact, so one rounding in all. One table
+    look-up per byte (two values) is ~3x faster than one per code, eagerly and compiled; code 8's
+    -0.0 survives inductor's -fno-signed-zeros because it comes from the table at run time."""
+    return packed_to_float(data) * scale.to(torch.float32) * global_decode_scale(global_amax)
 
 
 # -- compiled CPU kernels ------------------------------------------------------------------------
 # torch.compile (inductor's C++ backend, gcc) fuses the ~25 eager passes of `_quantize_blocks` into
-# two loops: ~5x faster quantize and ~5-10x faster dequantize on CPU (benchmarks/quantize.py). The
+# two loops: quantize and dequantize each ~4-5x faster on CPU (benchmarks/quantize.py). The
 # bits are the same (inductor keeps IEEE division, no FMA contraction, no reassociation; checked by
 # tests/test_precision_compiled.py). It costs a compile of a few seconds per kernel variant and
 # process, so "auto" uses it only for tensors of at least COMPILE_MIN_NUMEL elements on CPU. CUDA
@@ -353,10 +348,11 @@ def _kernel(name: str, t: torch.Tensor, *variant):
     (stochastic or not: one compiled graph each). t: the kernel's first argument; its dim 0 is
     compiled as dynamic, its other dims (16 or 8 per block; Kp for 2D tiles) as static — a
     dynamic inner dim costs ~2-4x in inductor's C++ loops."""
+    elements = t.numel() * (2 if t.dtype == torch.uint8 else 1)  # packed: two per byte
     if (
         _compile_mode == "off"
         or t.device.type != "cpu"
-        or (_compile_mode == "auto" and t.numel() < COMPILE_MIN_NUMEL)
+        or (_compile_mode == "auto" and elements < COMPILE_MIN_NUMEL)
         # Size 0/1 dims would be specialised (a recompile each); one 2D tile also hits an
         # inductor codegen bug. Tensors that small are fast eagerly anyway.
         or t.shape[0] < 2 * BLOCK

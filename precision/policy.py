@@ -18,7 +18,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def high_precision_layers(num_layers: int, fraction: float) -> set[int]:
     """Indices (0-based, global) of the last ``round(fraction·num_layers)`` layers."""
-    n = int(round(num_layers * fraction))
+    n = round(num_layers * fraction)
     return set(range(num_layers - n, num_layers))
 
 

@@ -24,7 +24,7 @@ GPU family). ``end_step`` warns with the layer's name (``QuantizationWarning``),
 
 Trainer protocol (one object per process, handed to ``apply_precision``)::
 
-    tel = Telemetry(interval=cfg.precision.telemetry_interval)
+    tel = Telemetry.from_config(cfg.precision)
     tel.start_step(step)            # before the step's forward/backward (step counts from 1)
     rows = tel.end_step()           # after backward: [] or one dict per (layer, gemm, tensor)
     ...
@@ -38,7 +38,6 @@ import warnings
 from collections import defaultdict
 
 import torch
-
 from hymoe.precision import mxfp8, nvfp4
 
 SATURATION_SLACK = 1 + 2.0**-20
@@ -133,6 +132,11 @@ class Telemetry:
         self._zero_grad: dict[tuple[str, str], torch.Tensor] = {}
         self._history: dict[tuple, list[dict]] = defaultdict(list)
 
+    @classmethod
+    def from_config(cls, cfg) -> Telemetry:
+        """From a PrecisionConfig: ``telemetry_interval`` and ``strict_zero_gradient``."""
+        return cls(cfg.telemetry_interval, strict_zero_gradient=cfg.strict_zero_gradient)
+
     # -- the trainer's side ----------------------------------------------------------------------
     def start_step(self, step: int) -> bool:
         """Begin step ``step`` (counted from 1); returns whether it is measured."""
@@ -221,6 +225,8 @@ class Telemetry:
 
     def watch_gradient(self, layer: str, where: str, src: torch.Tensor, deq: torch.Tensor) -> None:
         """Record, on the device, whether a non-zero gradient ``src`` dequantized to all zeros."""
+        if not src.numel():  # an expert that received no tokens
+            return
         bad = (src.abs().amax() > 0) & (deq.abs().amax() == 0)
         key = (layer, where)
         prev = self._zero_grad.get(key)

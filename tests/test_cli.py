@@ -120,3 +120,16 @@ def test_nvfp4_mtp_resume_repeats_stochastic_rounding(demo_data, tmp_path):
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "mtp_loss/depth1", "mtp_loss/depth2"):
         assert [m[key] for m in ma] == [m[key] for m in mb], key  # bitwise
+
+
+def test_nvfp4_telemetry_files(demo_data, tmp_path):
+    run = tmp_path / "tel"
+    r = hymoe("train", "tiny", *FAST, "precision=nvfp4", "train.steps=4", "precision.telemetry_interval=2",
+              f"run.dir={run}", f"data.path={demo_data}", "checkpoint.save_final=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (run / "precision_telemetry.rank0.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in rows} == {2, 4}
+    layers = {row["layer"] for row in rows}
+    assert any("mixer.in_proj" in name for name in layers)  # an NVFP4 layer
+    assert any("mixer.out_proj" in name for name in layers)  # the MXFP8 one
+    assert (run / "precision_telemetry_summary.json").exists()

@@ -1,5 +1,6 @@
 """Emulated quantized linear: the contract's operand table wired into fprop, dgrad and wgrad."""
 
+import math
 import warnings
 
 import pytest
@@ -199,3 +200,22 @@ def test_resumed_rng_repeats_gradients():
     resumed.load_state_dict(state)
     again = _grads(quantized_linear(x, w, "nvfp4", NVFP4Recipe(), resumed.generator), x, w, dy)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_an_expert_with_no_tokens(fmt):
+    # MoE routing can leave an expert without tokens: x [0, K] must give y [0, N], dx [0, K] and a
+    # zero dW (not NaN, not an error), with and without telemetry.
+    w = torch.randn(24, 40).requires_grad_()
+    x = torch.zeros(0, 40, requires_grad=True)
+    tel = Telemetry(interval=1)
+    tel.start_step(1)
+    y = quantized_linear(x, w, fmt, NVFP4Recipe(), torch.Generator().manual_seed(0),
+                         name="experts.7", telemetry=tel)
+    assert y.shape == (0, 24)
+    dx, dw = _grads(y, x, w, torch.zeros(0, 24))
+    assert dx.shape == (0, 40) and torch.equal(dw, torch.zeros_like(w))
+    rows = tel.end_step()
+    empty = [r for r in rows if r["tensor"] != "w"]  # the token operands: nothing to measure
+    assert empty and all(r["underflow"] == r["rel_error"] == r["amax"] == 0.0 for r in empty)
+    assert all(math.isfinite(v) for r in rows for v in (r["rel_error"], r["amax"]))

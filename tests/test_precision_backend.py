@@ -132,7 +132,7 @@ def test_recipe_switches_reach_te_through_its_environment(monkeypatch):
 def test_te_precision_kwargs_are_megatron_fields():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
+    base = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
     kw = backend.te_precision_kwargs(PrecisionConfig(recipe="nvfp4"))
     assert kw == {"fp4": "e2m1", "fp4_recipe": "nvfp4"}
     c = TransformerConfig(**base, **kw)

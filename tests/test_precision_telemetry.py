@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from hymoe.precision import mxfp8, nvfp4, telemetry
+from hymoe.precision.config import PrecisionConfig
 from hymoe.precision.emulated_linear import NVFP4Recipe, quantized_linear
 from hymoe.precision.telemetry import Telemetry, tensor_stats
 
@@ -78,7 +79,10 @@ def test_stats_in_the_rht_domain_and_for_2d_and_mxfp8():
     assert _stats(tiny, nvfp4.quantize(tiny))["underflow"] == pytest.approx(15 / 16)
 
 
-def _run(tel, recipe=NVFP4Recipe(disable_stochastic_rounding=True), fmt="nvfp4", calls=1, seed=0):
+RTN = NVFP4Recipe(disable_stochastic_rounding=True)
+
+
+def _run(tel, recipe=RTN, fmt="nvfp4", calls=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(24, 40, generator=g) / 40**0.5).requires_grad_()
     for _ in range(calls):
@@ -120,6 +124,9 @@ def test_protocol_interval_roles_and_summary():
     assert tel.summary() == [] and "no measured steps" in tel.format_summary()
     with pytest.raises(ValueError):
         Telemetry(interval=-1)
+    cfg = PrecisionConfig(recipe="nvfp4", telemetry_interval=50, strict_zero_gradient=True)
+    tel = Telemetry.from_config(cfg)
+    assert tel.interval == 50 and tel.strict_zero_gradient
 
 
 def test_1d_weights_and_mxfp8_report_the_dgrad_weight():

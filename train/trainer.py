@@ -83,15 +83,19 @@ class Trainer:
     def _setup(self):
         from megatron.core import parallel_state
 
-        from hymoe.data import load_manifest
-        from hymoe.data.loader import PackedStream
+        from hymoe.data import build_stream, load_manifest
+        from hymoe.data.blend import blend_from_config
         from hymoe.parallel.setup import initialize_model_parallel
         from hymoe.precision.apply import apply_precision
         from hymoe.train.model_setup import build_model_chunks
         from hymoe.train.optim import build_optimizer, build_scheduler
 
         cfg = self.cfg
-        data_path = ensure_data(cfg, self.console)
+        total_tokens = cfg.train.steps * cfg.train.global_batch * cfg.train.seq_len
+        if cfg.data.datasets:  # a blend: every dataset must already be prepared
+            data_path = blend_from_config(cfg.data, total_tokens).sources[0].path
+        else:
+            data_path = ensure_data(cfg, self.console)
         manifest = load_manifest(data_path)
         vocab = cfg.model.vocab_size or manifest["tokenizer"]["vocab_size"]
         if vocab < manifest["tokenizer"]["vocab_size"]:
@@ -101,13 +105,27 @@ class Trainer:
             )
         self.vocab_size = padded_vocab(vocab, cfg.parallel.tp)
 
+        from hymoe.precision.backend import select_backend
+        from hymoe.precision.telemetry import Telemetry
+
+        try:
+            backend = select_backend(cfg.precision)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if backend.backend == "te":
+            raise ConfigError(
+                "precision.backend: te needs Transformer Engine module specs in the hybrid model, "
+                "which hymoe does not wire yet; use precision.backend=emulated"
+            )
         initialize_model_parallel(cfg.parallel, cfg.train.seed)
         self.dtype = compute_dtype(cfg.precision.compute_dtype)
         self.precision_report = []
+        self.telemetry = Telemetry.from_config(cfg.precision)
         self.chunks, self.tconfig = build_model_chunks(
             cfg.model, cfg.parallel, self.vocab_size, self.dtype,
             transform=lambda m, c: self.precision_report.extend(
-                apply_precision(m, cfg.precision, self.dtype, seed=cfg.train.seed)
+                apply_precision(m, cfg.precision, self.dtype, seed=cfg.train.seed,
+                                telemetry=self.telemetry)
             ),
         )
         self.optimizer = build_optimizer(
@@ -117,9 +135,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.steps)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.micro_per_step = cfg.train.global_batch // (cfg.train.micro_batch * self.dp_size)
-        self.data = PackedStream(
-            data_path, cfg.train.seq_len, cfg.train.micro_batch, dp_rank=self.dp_rank,
-            dp_size=self.dp_size, seed=cfg.train.seed,
+        self.data = build_stream(
+            cfg.data, cfg.train.seq_len, cfg.train.micro_batch, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, seed=cfg.train.seed, total_tokens=total_tokens,
         )
         if self.is_logger:
             n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
@@ -130,7 +148,7 @@ class Trainer:
                 + f" · dp={self.dp_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep}"
             )
             self.console.print(
-                f"precision: {cfg.precision.recipe} · "
+                f"precision: {cfg.precision.recipe} · {backend.reason} · "
                 + ", ".join(f"{fmt}: {n}" for fmt, n in _count_formats(self.precision_report).items())
             )
         self._resume()
@@ -177,12 +195,12 @@ class Trainer:
             )
         self.step, self.tokens = meta["step"], meta["tokens"]
         states = meta.get("data_state", {})
-        if str(self.dp_rank) in states and meta.get("dp_size") == self.dp_size:
-            self.data.load_state_dict(states[str(self.dp_rank)])
-        elif self.is_logger:
-            self.console.print(
-                f"[yellow]data order restarts: checkpoint dp={meta.get('dp_size')}, now dp={self.dp_size}"
-            )
+        if states:
+            # Every DP rank's state: same DP size → this rank's; another → the read streams are
+            # dealt anew and each continues exactly (docs/data.md, "Resume").
+            msg = self.data.load_rank_states(states)
+            if msg and self.is_logger:
+                self.console.print(f"[yellow]{msg}")
         if self.is_logger:
             self.console.print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
 
@@ -201,6 +219,14 @@ class Trainer:
             self.console.print(f"saved checkpoint {path}")
 
     # -- loop ----------------------------------------------------------------------------------
+    def _write_telemetry(self, rows: list[dict]) -> None:
+        """Per-rank NVFP4/MXFP8 statistics (every precision.telemetry_interval steps)."""
+        if rows:
+            path = self.run_dir / f"precision_telemetry.rank{dist.get_rank()}.jsonl"
+            with open(path, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+
     def _on_signal(self, signum, frame):
         # Slurm sends SIGTERM (or --signal=USR1@T) before it kills a job: finish the step, save.
         self.stop_signal = signum
@@ -226,12 +252,14 @@ class Trainer:
             stop = cfg.train.exit_at_step or cfg.train.steps
             while self.step < stop:
                 position = self.data.state_dict()
+                self.telemetry.start_step(self.step + 1)
                 t0 = time.perf_counter()
                 r = train_step(
                     self.chunks, self.optimizer, self.scheduler, self.data, self.micro_per_step,
                     cfg.train.seq_len, cfg.train.micro_batch, step=self.step + 1,
                 )
                 dt = time.perf_counter() - t0
+                self._write_telemetry(self.telemetry.end_step())
                 self.step += 1
                 self.tokens += cfg.train.global_batch * cfg.train.seq_len
                 m = {
@@ -240,8 +268,9 @@ class Trainer:
                     "step_time_s": dt, "tokens_per_s": cfg.train.global_batch * cfg.train.seq_len / dt,
                 }
                 m.update(r.extra)
+                m.update(self.data.metrics())  # data/phase, data/share/<name>, data/skipped_*
                 if r.skipped:
-                    m["data_position"] = {k: position.get(k) for k in ("epoch", "cursor", "offset")}
+                    m["data_position"] = {"tokens": position.get("tokens"), "rr": position.get("rr")}
                 history.append(m)
                 for cb in self.callbacks:
                     cb.on_step_end(self, m)
@@ -258,6 +287,11 @@ class Trainer:
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self)
+            self.data.close()  # reader workers, if any (after the final checkpoint's state_dict)
+            summary = self.telemetry.summary()
+            if summary and self.is_logger:
+                (self.run_dir / "precision_telemetry_summary.json").write_text(json.dumps(summary, indent=1))
+                self.console.print(self.telemetry.format_summary())
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return history

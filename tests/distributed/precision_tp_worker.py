@@ -21,7 +21,6 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from hymoe.parallel.layout import ParallelConfig
 from hymoe.parallel.setup import init_distributed, initialize_model_parallel
 from hymoe.precision import nvfp4
