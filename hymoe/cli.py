@@ -248,9 +248,36 @@ def cmd_compare(argv: list[str]) -> int:
     return 0
 
 
+def cmd_convert(argv: list[str]) -> int:
+    """Hugging Face nemotron_h <-> hymoe checkpoints"""
+    p = argparse.ArgumentParser(prog="hymoe convert", description="Convert checkpoints.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    to = sub.add_parser("to-hf", help="a training checkpoint (any layout) -> HF nemotron_h folder")
+    to.add_argument("checkpoint", help="a step_* folder, or a checkpoints folder (uses latest)")
+    to.add_argument("out")
+    to.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    fr = sub.add_parser("from-hf", help="an HF nemotron_h folder -> model weights + model.yaml")
+    fr.add_argument("hf_dir")
+    fr.add_argument("out")
+    args = p.parse_args(argv)
+    _quiet()
+    from hymoe.train import convert
+    from hymoe.train.checkpoint import CheckpointError
+
+    try:
+        if args.cmd == "to-hf":
+            print(f"wrote {convert.to_hf(args.checkpoint, args.out, args.dtype)}")
+        else:
+            out = convert.from_hf(args.hf_dir, args.out)
+            print(f"wrote {out} (train from it: checkpoint.init_weights={out}; model keys in {out}/model.yaml)")
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        _fail(f"{type(e).__name__}: {e}", 1)
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train, "data": cmd_data, "model": cmd_model, "precision": cmd_precision,
-    "demo": cmd_demo, "compare": cmd_compare,
+    "demo": cmd_demo, "compare": cmd_compare, "convert": cmd_convert,
 }
 
 

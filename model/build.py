@@ -38,8 +38,9 @@ def build_transformer_config(model: ModelConfig, **parallel_and_precision) -> Tr
     )
     kw.update(parallel_and_precision)
     config = TransformerConfig(**kw)
-    # Not a TransformerConfig field: the SSD chunk length the mixer reads.
+    # Not TransformerConfig fields: the SSD chunk length and dt clamp the mixer reads.
     config.hymoe_mamba_chunk_size = model.mamba_chunk_size
+    config.hymoe_mamba_dt_limit = (model.mamba_dt_min_clamp, float("inf"))
     return config
 
 

@@ -3,7 +3,7 @@ transformers' ``NemotronHForCausalLM`` reads (config.json + safetensors).
 
     to_hf(model_or_state, path, model_cfg=None)   hymoe/megatron-core (TP=PP=EP=1) → HF folder
     load_hf(path) → (ModelConfig, vocab, state)    HF folder → megatron state dict (no model)
-    from_hf(path) → MambaModel                     the same, built on CPU in this process
+    from_hf(path) → model                          the same, built on CPU in this process
     checkpoint_to_hf(ckpt, model_cfg, vocab, out)  a dist-checkpoint of any TP/PP/EP layout → HF
 
 The weight mapping (docs/model.md has it as a table) is a renaming except for attention: megatron

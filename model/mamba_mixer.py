@@ -85,7 +85,8 @@ class MambaMixer(MegatronModule):
         self.nheads = config.mamba_num_heads
         self.d_inner = self.nheads * self.headdim
         self.chunk_size = getattr(config, "hymoe_mamba_chunk_size", 128)
-        self.dt_limit = dt_limit
+        # A lower clamp on dt only where a checkpoint's convention has one (HF nemotron_h).
+        self.dt_limit = getattr(config, "hymoe_mamba_dt_limit", dt_limit)
         tp = pg_collection.tp.size()
         # Validated with a friendlier message in hymoe.parallel.layout; these guard direct use.
         assert self.nheads % tp == 0 and self.ngroups % tp == 0 and self.nheads % self.ngroups == 0
@@ -128,7 +129,8 @@ class MambaMixer(MegatronModule):
             setattr(p, "tensor_model_parallel", True)
             setattr(p, "partition_dim", 0)
         self.norm = GatedRMSNorm(
-            self.d_inner_local, self.d_inner_local // self.ngroups_local, 1e-5, config.params_dtype
+            self.d_inner_local, self.d_inner_local // self.ngroups_local, config.layernorm_epsilon,
+            config.params_dtype,
         )
         self.out_proj = build_module(
             submodules.out_proj,

@@ -181,9 +181,11 @@ def ssd_chunk_scan(
         else x.new_zeros(bsz, nheads, hdim, dstate, dtype=cd)
     )
     states_in = []
-    for c in range(nchunks):
+    # unbind, not indexing: each index's backward would write a full-size zero tensor, making the
+    # backward quadratic in the number of chunks.
+    for decay, chunk_state in zip(chunk_decay.unbind(-1), chunk_states.unbind(1)):
         states_in.append(state)
-        state = state * chunk_decay[:, :, c, None, None] + chunk_states[:, c]
+        state = state * decay[:, :, None, None] + chunk_state
     states_in = torch.stack(states_in, dim=1)  # [B, c, H, P, N]: state entering each chunk
 
     # 4) Carried state -> output (off-diagonal blocks): y_i += exp(dA[0..i]) C_i·state_in.

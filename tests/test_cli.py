@@ -26,7 +26,7 @@ def test_train_writes_metrics_config_and_checkpoint(trained):
     run, r = trained
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == list(range(1, 13))
-    for key in ("step", "loss", "lr", "tokens", "grad_norm", "moe/max_over_mean",
+    for key in ("step", "loss", "lr", "tokens", "grad_norm", "tflops_per_rank", "moe/max_over_mean",
                 "moe/layer2/max_over_mean", "moe/layer5/max_over_mean"):
         assert key in rows[0]
     assert all(m["moe/max_over_mean"] >= 1.0 for m in rows)

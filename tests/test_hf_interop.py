@@ -135,6 +135,11 @@ def test_top1_tied_embeddings_sharded_files(tmp_path, transformers_h):
     assert (hymoe_logits(model, tok) - hf_logits(theirs, tok)).abs().max().item() <= TOL
     cfg2, _, state2 = hf.load_hf(out)
     assert not cfg2.untie_embeddings_and_output_weights and "output_layer.weight" not in state2
+    # A BF16 export keeps the decay parameters and the routing bias in fp32.
+    bf16 = hf.read_hf_state(hf.to_hf(model, tmp_path / "bf16", dtype=torch.bfloat16))
+    assert bf16["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.bfloat16
+    assert bf16["backbone.layers.0.mixer.A_log"].dtype == torch.float32
+    assert bf16["backbone.layers.2.mixer.gate.e_score_correction_bias"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("change, field", [

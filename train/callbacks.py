@@ -77,7 +77,9 @@ class ConsoleProgress(Callback):
             self.console.print(
                 f"step {m['step']:>6}/{trainer.cfg.train.steps} | loss {m['loss']:.4f} | "
                 f"lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f} | "
-                f"tok/s {m['tokens_per_s']:,.0f} | tokens {m['tokens']:,}"
+                f"tok/s {m['tokens_per_s']:,.0f} | "
+                + (f"MFU {m['mfu']:.1%} | " if "mfu" in m else f"TFLOP/s {m['tflops_per_rank']:.3f} | ")
+                + f"tokens {m['tokens']:,}"
                 + "".join(f" | {k} {v:.4f}" for k, v in m.items() if k.startswith("mtp_loss/"))
                 + (" | SKIPPED" if m["skipped"] else "")
             )

@@ -65,6 +65,9 @@ class CheckpointConfig:
     verify: bool = True
     # If the newest checkpoint is damaged, resume from the newest intact one instead of stopping.
     fallback: bool = False
+    # Start a fresh run from these model weights (a dist-checkpoint, e.g. `hymoe convert from-hf`
+    # output); ignored when resuming.
+    init_weights: Optional[str] = None
 
 
 @dataclass

@@ -36,6 +36,8 @@ def model_info(recipe: str, overrides: list[str], as_json: bool = False) -> str:
         "layers": {NAMES[s]: cfg.model.layer_pattern.count(s) for s in NAMES},
         "vocab_size": vocab, "hidden_size": cfg.model.hidden_size,
         "params_total": total["total"], "params_active": active["total"],
+        "params_active_without_input_embedding": active["total"] - total["embedding"],
+        "params_embedding": total["embedding"], "params_output": total["output"],
         "params_by_layer_type": {NAMES[s]: n for s, n in total["by_type"].items()},
     }
     if as_json:
@@ -58,15 +60,25 @@ def precision_table(recipe: str, overrides: list[str]) -> str:
         cfg.model.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    rows = []
+    import re
+
+    rows, seen = [], {}
     for name in linear_layer_names(cfg.model):
         fmt, why = decide(name, layer_index(name), cfg.model.num_layers, cfg.precision)
-        rows.append((name, fmt, why))
+        # One line for all experts of a layer that share a format (Super has 512 per layer).
+        grouped = re.sub(r"local_experts\.\d+\.", "local_experts.*.", name)
+        if grouped != name:
+            if (grouped, fmt, why) in seen:
+                seen[(grouped, fmt, why)] += 1
+                continue
+            seen[(grouped, fmt, why)] = 1
+        rows.append((grouped, fmt, why))
+    rows = [(n + (f" (×{seen[(n, f, w)]})" if (n, f, w) in seen else ""), f, w) for n, f, w in rows]
     width = max(len(r[0]) for r in rows)
     out = [f"{recipe}: precision recipe {cfg.precision.recipe}", f"{'module':{width}s}  format  rule"]
     out += [f"{n:{width}s}  {f:6s}  {w}" for n, f, w in rows]
     counts = {}
-    for _, f, _ in rows:
-        counts[f] = counts.get(f, 0) + 1
+    for n, f, w in rows:
+        counts[f] = counts.get(f, 0) + seen.get((n.split(" (×")[0], f, w), 1)
     out.append("totals: " + ", ".join(f"{f} {n}" for f, n in counts.items()))
     return "\n".join(out)

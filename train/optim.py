@@ -65,7 +65,8 @@ def build_optimizer(cfg: OptimConfig, model_chunks: list, *, distributed: bool, 
 
 def build_scheduler(cfg: OptimConfig, optimizer, steps: int) -> OptimizerParamScheduler:
     style = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}[cfg.schedule]
-    decay_steps = max(steps, 1)
+    # megatron requires warmup < decay steps; a run as short as its warmup just never decays.
+    decay_steps = max(steps, cfg.warmup_steps + 1)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.warmup_steps else cfg.lr,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from hymoe.train.callbacks import (
     Checkpointer, ConsoleProgress, ExpertLoad, MetricsFile, NaNGuard, Wandb,
 )
 from hymoe.train.config import ConfigError, HymoeConfig, validate
+from hymoe.train.mfu import throughput_metrics
 from hymoe.train.recipe import to_yaml
 
 
@@ -104,6 +106,13 @@ class Trainer:
                 f"({manifest['tokenizer']['vocab_size']}); set it to null to take the tokenizer's"
             )
         self.vocab_size = padded_vocab(vocab, cfg.parallel.tp)
+        from hymoe.model.flops import flops_per_token
+
+        depths = cfg.model.mtp_depths
+        self.flops_per_token = flops_per_token(
+            cfg.model, cfg.train.seq_len, self.vocab_size, mtp_depths=len(depths),
+            mtp_pattern=depths[0] if depths else "*E",
+        )
 
         from hymoe.precision.backend import select_backend
         from hymoe.precision.telemetry import Telemetry
@@ -166,6 +175,12 @@ class Trainer:
     def _resume(self):
         mode, cc = self.cfg.train.resume, self.cfg.checkpoint
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None and cc.init_weights and mode != "required":
+            # A fresh run from given weights (e.g. `hymoe convert from-hf` output).
+            ckpt.load_model_weights(self.chunks, cc.init_weights)
+            if self.is_logger:
+                self.console.print(f"initialised the model weights from {cc.init_weights}")
+            return
         if latest is None:
             if mode == "required":
                 raise ConfigError(
@@ -212,6 +227,7 @@ class Trainer:
         path = ckpt.save(
             self.ckpt_dir, self.step, self.chunks, self.optimizer, self.scheduler,
             {"tokens": self.tokens, "pattern": self.cfg.model.pattern, "dp_size": self.dp_size,
+             "model": dataclasses.asdict(self.cfg.model), "vocab_size": self.vocab_size,
              "data_state": data_state, "recipe": self.cfg.recipe},
             keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
         )
@@ -267,6 +283,7 @@ class Trainer:
                     "tokens": self.tokens, "grad_norm": r.grad_norm, "skipped": r.skipped,
                     "step_time_s": dt, "tokens_per_s": cfg.train.global_batch * cfg.train.seq_len / dt,
                 }
+                m.update(throughput_metrics(m["tokens_per_s"], self.flops_per_token, dist.get_world_size()))
                 m.update(r.extra)
                 m.update(self.data.metrics())  # data/phase, data/share/<name>, data/skipped_*
                 if r.skipped:

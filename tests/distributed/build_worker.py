@@ -1,6 +1,7 @@
 """Build every recipe's megatron-core model in a world of one and report what was built (JSON), so
 tests can hold the config-only counters (hymoe.model.counting) and the precision plan against it."""
 
+import contextlib
 import json
 import sys
 import warnings
@@ -24,9 +25,16 @@ def main():
         initialize_model_parallel(cfg.parallel, seed=1)
         from hymoe.model.build import build_model, build_transformer_config
 
-        tconfig = build_transformer_config(cfg.model, params_dtype=torch.float32)
+        from hymoe.model.counting import count_params
+
         vocab = 512
-        model = build_model(cfg.model, tconfig, vocab_size=vocab)
+        # Published-size recipes (Nano: ~126 GB in fp32) are built on the meta device: same
+        # modules and shapes, no memory.
+        big = count_params(cfg.model, vocab)["total"] > 2e9
+        with torch.device("meta") if big else contextlib.nullcontext():
+            tconfig = build_transformer_config(cfg.model, params_dtype=torch.float32,
+                                               perform_initialization=not big)
+            model = build_model(cfg.model, tconfig, vocab_size=vocab)
         out[recipe] = {
             "vocab": vocab,
             "params": sum(p.numel() for p in model.parameters()),
