@@ -147,7 +147,11 @@ class MambaMixer(MegatronModule):
         )
 
     def forward(self, hidden_states, inference_context=None, *, packed_seq_params=None, seq_idx=None):
-        """hidden_states [s, b, h] → (out [s, b, h], bias None)."""
+        """hidden_states [s, b, h] → (out [s, b, h], bias None). ``seq_idx`` int [b, s] (full
+        sequence) resets the conv and scan state at document boundaries; megatron's layers cannot
+        pass it down, so ``HybridModel`` sets ``self.seq_idx`` before each forward instead."""
+        if seq_idx is None:
+            seq_idx = getattr(self, "seq_idx", None)
         zxbcdt, _ = self.in_proj(hidden_states)  # [S, b, local], full sequence after SP gather
         zxbcdt = zxbcdt.transpose(0, 1)  # scan kernels are batch-first
         z, xbc, dt = torch.split(

@@ -65,6 +65,15 @@ def mtp_block_spec(transformer_layer_spec: ModuleSpec, layers: int) -> ModuleSpe
     )
 
 
+def document_attention_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids → bool [b, 1, s, s], True where attention is NOT allowed (megatron's
+    convention): a token sees earlier tokens of its own document only."""
+    s = seq_idx.shape[1]
+    same = seq_idx[:, :, None] == seq_idx[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seq_idx.device).tril()
+    return ~(same & causal)[:, None]
+
+
 class SharedLayerMTPBlock(MultiTokenPredictionBlock):
     """An MTP block whose one layer runs at every depth (the same parameters each time).
 
@@ -88,7 +97,15 @@ class SharedLayerMTPBlock(MultiTokenPredictionBlock):
 
 
 class HybridModel(MambaModel):
-    """megatron-core's MambaModel plus an optional MTP block (training forward only)."""
+    """megatron-core's MambaModel plus an optional MTP block (training forward only) and
+    document-aware packing (``seq_idx``)."""
+
+    def _mamba_mixers(self):
+        if not hasattr(self, "_mixers"):
+            from hymoe.model.mamba_mixer import MambaMixer
+
+            self._mixers = [m for m in self.decoder.modules() if isinstance(m, MambaMixer)]
+        return self._mixers
 
     def __init__(self, *args, mtp_layer_spec: ModuleSpec | None = None, mtp_depths: int = 0,
                  mtp_shared_layer: bool = False, **kwargs):
@@ -111,7 +128,15 @@ class HybridModel(MambaModel):
             self.mtp_report = torch.zeros(mtp_depths, 2, dtype=torch.float64)
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
-                inference_context=None, runtime_gather_output=None, *, loss_mask=None, **kwargs):
+                inference_context=None, runtime_gather_output=None, *, loss_mask=None,
+                seq_idx=None, **kwargs):
+        """``seq_idx`` int [b, s] (document index per token, from the loader) makes packed
+        documents independent: Mamba state resets at each boundary and attention is masked to the
+        token's own document (megatron's reset_attention_mask). None: one causal stream per row."""
+        for mixer in self._mamba_mixers():
+            mixer.seq_idx = seq_idx
+        if seq_idx is not None:
+            attention_mask = document_attention_mask(seq_idx)
         if not self.mtp_process or labels is None:
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input=decoder_input,

@@ -44,6 +44,9 @@ class TrainConfig:
     resume: str = "auto"
     # Print a console line every this many steps (metrics.jsonl gets every step).
     log_interval: int = 1
+    # Keep packed documents apart: Mamba state resets and attention stays within each document
+    # (megatron's reset_attention_mask). Off: each row is one causal stream, as in Megatron-LM.
+    document_masks: bool = False
     # Stop after this many steps in a row were skipped for a non-finite loss or grad norm.
     nan_patience: int = 3
     # Stop (after saving a checkpoint) once this step is done, keeping the schedule of
@@ -134,6 +137,8 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
             "depths of model.pattern) runs with pp=1 and tp=1 in hymoe for now; use ep/dp, or "
             "drop the MTP depths"
         )
+    if t.document_masks and cfg.model.mtp_depths:
+        fail("document_masks", "is not supported together with MTP depths yet")
     if t.global_batch % (t.micro_batch * dp):
         fail(
             "global_batch",

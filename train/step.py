@@ -44,15 +44,18 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, poison: boo
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
-def forward_step(data_iterator: Iterator[dict], model, poison: bool = False):
+def forward_step(data_iterator: Iterator[dict], model, poison: bool = False,
+                 document_masks: bool = False):
     """megatron-core forward_step_func: every stage reads the same batch stream (the first stage
-    needs tokens, the last needs labels and the mask)."""
+    needs tokens, the last needs labels and the mask). With ``document_masks`` the batch's
+    ``seq_idx`` keeps packed documents apart (Mamba state resets, attention masked)."""
     batch = next(data_iterator)
     dev = next(model.parameters()).device
     tokens = batch["tokens"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev, non_blocking=True)
     loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
-    output = model(tokens, None, None, labels=labels, loss_mask=loss_mask)
+    seq_idx = batch["seq_idx"].to(dev, non_blocking=True) if document_masks else None
+    output = model(tokens, None, None, labels=labels, loss_mask=loss_mask, seq_idx=seq_idx)
     return output, partial(_loss_func, loss_mask, poison=poison)
 
 
@@ -100,6 +103,7 @@ def train_step(
     seq_len: int,
     micro_batch: int,
     step: int = 0,
+    document_masks: bool = False,
 ) -> StepResult:
     """Zero grads, run ``num_microbatches`` forward/backward passes, clip, step, advance the LR.
     ``step`` (1-based, the step being taken) only matters for fault injection."""
@@ -107,7 +111,8 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, poison=faults.due("nan_loss", step)),
+        forward_step_func=partial(forward_step, poison=faults.due("nan_loss", step),
+                                  document_masks=document_masks),
         data_iterator=data_iterator,
         model=model_chunks,
         num_microbatches=num_microbatches,

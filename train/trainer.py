@@ -273,6 +273,7 @@ class Trainer:
                 r = train_step(
                     self.chunks, self.optimizer, self.scheduler, self.data, self.micro_per_step,
                     cfg.train.seq_len, cfg.train.micro_batch, step=self.step + 1,
+                    document_masks=cfg.train.document_masks,
                 )
                 dt = time.perf_counter() - t0
                 self._write_telemetry(self.telemetry.end_step())
