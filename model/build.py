@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from megatron.core.ssm.mamba_block import MambaStack
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -74,7 +73,3 @@ def build_model(
         position_embedding_type="none",
         **kwargs,
     )
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -65,7 +65,6 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
     fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 1.3])
     base_by_tokens = {r["tokens"]: r["loss"] for r in runs[0][1]}
     for d, rows in runs:
-        steps = [r["step"] for r in rows]
         losses = [r["loss"] for r in rows]
         final = tail_mean(losses)
         gap = 100.0 * (final - base_final) / base_final

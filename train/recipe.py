@@ -14,9 +14,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hymoe.train.config import ConfigError, HymoeConfig
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
-
 def recipes_dir() -> Path:
     import hymoe.recipes
 
