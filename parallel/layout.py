@@ -27,6 +27,7 @@ class ModelDims:
     mamba_heads: int = 0
     mamba_groups: int = 0
     num_experts: int = 0
+    seq_len: int = 0  # training sequence length (context parallelism splits it in 2·cp chunks)
 
 
 @dataclass
@@ -74,8 +75,6 @@ class ParallelConfig:
         if dims is not None:
             # Model rules first: "tp=3 does not divide the heads" says more than a world-size clash.
             self._validate_model(dims, fail)
-        if self.cp > 1:
-            fail("cp", "context parallelism is not available yet in hymoe; set parallel.cp=1")
         mp = self.tp * self.pp * self.cp
         if world_size % mp:
             fail(
@@ -137,5 +136,11 @@ class ParallelConfig:
                     f"stages of {list(d.stages)} layers: megatron-core's hybrid stack needs "
                     "equal stages; move the '|' marks",
                 )
+        if self.cp > 1 and d.seq_len and d.seq_len % (2 * self.cp):
+            fail(
+                "cp",
+                f"train.seq_len={d.seq_len} must be divisible by 2·cp = {2 * self.cp} "
+                "(load-balanced causal sharding gives each rank two chunks)",
+            )
         if d.num_layers % self.pp:
             fail("pp", f"pp={self.pp} does not divide the {d.num_layers} layers of the pattern")

@@ -96,7 +96,7 @@ class HymoeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def model_dims(model: ModelConfig) -> ModelDims:
+def model_dims(model: ModelConfig, seq_len: int = 0) -> ModelDims:
     from hymoe.model.pattern import ATTENTION, MAMBA, MOE, parse
 
     p = parse(model.pattern)
@@ -108,6 +108,7 @@ def model_dims(model: ModelConfig) -> ModelDims:
         mamba_heads=model.mamba_num_heads if p.count(MAMBA) else 0,
         mamba_groups=model.mamba_num_groups if p.count(MAMBA) else 0,
         num_experts=model.num_experts if p.count(MOE) else 0,
+        seq_len=seq_len,
     )
 
 
@@ -116,7 +117,7 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
     try:
         cfg.model.validate()
         cfg.precision.validate()
-        dp = cfg.parallel.validate(world_size, model_dims(cfg.model))
+        dp = cfg.parallel.validate(world_size, model_dims(cfg.model, cfg.train.seq_len))
         cfg.optim.validate(cfg.train.steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -137,6 +138,8 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
             "depths of model.pattern) runs with pp=1 and tp=1 in hymoe for now; use ep/dp, or "
             "drop the MTP depths"
         )
+    if cfg.parallel.cp > 1:
+        raise ConfigError("parallel.cp: context parallelism is not wired into the trainer yet; set parallel.cp=1")
     if t.document_masks and cfg.model.mtp_depths:
         fail("document_masks", "is not supported together with MTP depths yet")
     if t.global_batch % (t.micro_batch * dp):
