@@ -1,7 +1,8 @@
 """`prepare`: text files → tokenized webdataset shards + `manifest.json` (+ `tokenizer.json`).
 
 Inputs: paths, directories (every file below, sorted) or globs. A `.jsonl` file holds one document
-per line in the field `text`; any other file is one UTF-8 document. Empty documents are dropped.
+per line in a string field (`text` unless `text_field` says otherwise); a `.parquet` file one per
+row of that column; any other file is one UTF-8 document. Empty documents are dropped.
 The output directory is deterministic: the same inputs and settings give byte-identical shards.
 An interrupted run resumes where it stopped when re-run with the same arguments.
 """
@@ -66,24 +67,13 @@ def expand_inputs(inputs: Iterable[str | Path], exclude: Path | None = None) -> 
     return out
 
 
-def iter_documents(files: list[Path]) -> Iterator[tuple[str, int]]:
+def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[tuple[str, int]]:
     """Yield (document text, input bytes it came from); the bytes drive the progress bar."""
     for f in files:
         if f.suffix == ".jsonl":
-            with open(f, "rb") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        yield "", len(line)
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        raise DataError(f"{f}:{lineno}: not valid JSON ({e}); each line of a "
-                                        '.jsonl input must be an object like {"text": "..."}') from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise DataError(f"{f}:{lineno}: no string field 'text'; each line of a "
-                                        '.jsonl input must be an object like {"text": "..."}')
-                    yield obj["text"], len(line)
+            yield from _jsonl_documents(f, text_field)
+        elif f.suffix == ".parquet":
+            yield from _parquet_documents(f, text_field)
         else:
             data = f.read_bytes()
             try:
@@ -91,6 +81,52 @@ def iter_documents(files: list[Path]) -> Iterator[tuple[str, int]]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{f}: not UTF-8 text (bad byte at offset {e.start}); "
                                 "convert it or leave it out of the inputs") from None
+
+
+def _jsonl_documents(f: Path, text_field: str) -> Iterator[tuple[str, int]]:
+    example = '{"%s": "..."}' % text_field
+    with open(f, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                yield "", len(line)
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{f}:{lineno}: not valid JSON ({e}); each line of a .jsonl "
+                                f"input must be an object like {example}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise DataError(f"{f}:{lineno}: no string field {text_field!r}; each line of a "
+                                f".jsonl input must be an object like {example} (--text-field "
+                                "names another field)")
+            yield obj[text_field], len(line)
+
+
+def _parquet_documents(f: Path, text_field: str) -> Iterator[tuple[str, int]]:
+    """Rows of the `text_field` column, read one row group at a time (a parquet file of a real
+    corpus is often larger than memory). Progress bytes are the file's size shared over rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{f}: not a readable parquet file ({e})") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{f}: no column {text_field!r} (columns: {', '.join(schema.names)}); "
+                        "pass --text-field with the column that holds the text")
+    if not (pa.types.is_string(schema.field(text_field).type)
+            or pa.types.is_large_string(schema.field(text_field).type)):
+        raise DataError(f"{f}: column {text_field!r} is {schema.field(text_field).type}, not "
+                        "a string column")
+    rows = max(pf.metadata.num_rows, 1)
+    per_row, left = divmod(f.stat().st_size, rows)
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            yield text or "", per_row + (1 if row < left else 0)
+            row += 1
 
 
 def _chunks(docs: Iterator[tuple[str, int]], skip: int) -> Iterator[tuple[list[str], int, int]]:
@@ -185,6 +221,7 @@ def prepare(
     shard_tokens: int = 1_000_000,
     workers: int = 1,
     progress: bool = True,
+    text_field: str = "text",
 ) -> dict:
     """Tokenize `inputs` into shards of about `shard_tokens` tokens in `output`; return the manifest.
 
@@ -192,6 +229,7 @@ def prepare(
     `train_tokenizer_vocab` (train a byte-level BPE of that size on the inputs). `workers > 1`
     tokenizes in that many processes; with 1, the Rust tokenizer may still use several threads
     (set TOKENIZERS_PARALLELISM=false to stop it). Re-running a finished job returns its manifest.
+    `text_field`: the jsonl field / parquet column holding each document's text.
     """
     if (tokenizer is None) == (train_tokenizer_vocab is None):
         raise DataError("pass exactly one of --tokenizer PATH (an existing tokenizer.json) or "
@@ -203,6 +241,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     tok_out = out / tk.TOKENIZER_FILE
     spec = f"train:{train_tokenizer_vocab}" if tokenizer is None else tk.fingerprint(tokenizer)
+    if text_field != "text":  # part of the job: another field is other documents
+        spec += f"|field:{text_field}"
     job = _job_key(files, shard_tokens, spec)
 
     if (out / MANIFEST_FILE).exists():
@@ -224,7 +264,7 @@ def prepare(
                 from rich.console import Console
                 Console(stderr=True).print(f"training a {train_tokenizer_vocab}-token BPE on "
                                            f"{len(files)} files…")
-            texts = (t for t, _ in iter_documents(files) if t)
+            texts = (t for t, _ in iter_documents(files, text_field) if t)
             tk.train_bpe_from_texts(texts, train_tokenizer_vocab, tok_out)
         state = {"job": job, "tokenizer_fingerprint": tk.fingerprint(tok_out), "documents": 0,
                  "shards": []}
@@ -234,7 +274,7 @@ def prepare(
     tok = _text_tokenizer(tok_out)
     vocab, eod = tk.vocab_size(tok), tk.eod_id(tok)
     dtype = dtype_for_vocab(vocab)
-    chunks = _chunks(iter_documents(files), skip=state["documents"])
+    chunks = _chunks(iter_documents(files, text_field), skip=state["documents"])
     if workers > 1:
         # spawn: forking a process that runs torch or tokenizer threads can deadlock the child.
         # An executor (not multiprocessing.Pool) raises BrokenProcessPool if a worker dies,

@@ -181,3 +181,42 @@ def test_directory_input_skips_hidden_files_and_the_output(tmp_path):
     assert m["totals"]["documents"] == len(texts)
     # Re-running sees the same inputs (not its own outputs), so it is the same finished job.
     assert prepare([str(tmp_path / "in")], out, train_tokenizer_vocab=300, progress=False) == m
+
+
+def test_parquet_and_text_field_give_the_same_shards_as_jsonl(prepared, tmp_path):
+    """A parquet column (several row groups) and a jsonl field of another name hold the same
+    documents as `text` jsonl lines: all three give the same tokens."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base, _, texts, _ = prepared
+    tok = str(base / "out" / "tokenizer.json")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}), tmp_path / "c.parquet",
+                   row_group_size=7)
+    runs = {}
+    for name, field in (("a.jsonl", "text"), ("b.jsonl", "body"), ("c.parquet", "body")):
+        out = tmp_path / f"out_{name}"
+        m = prepare([str(tmp_path / name)], out, tokenizer=tok, shard_tokens=1000, progress=False,
+                    text_field=field)
+        runs[name] = [d.tolist() for d in all_docs(out, m)]
+    assert len(runs["a.jsonl"]) == len(texts)
+    assert runs["a.jsonl"] == runs["b.jsonl"] == runs["c.parquet"]
+
+
+def test_parquet_errors_name_the_file_and_column(prepared, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = str(prepared[0] / "out" / "tokenizer.json")
+    f = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"body": ["x", "y"], "n": [1, 2]}), f)
+    with pytest.raises(DataError, match=rf"{f}: no column 'text' \(columns: body, n\).*--text-field"):
+        prepare([str(f)], tmp_path / "o", tokenizer=tok, progress=False)
+    with pytest.raises(DataError, match=rf"{f}: column 'n' is int64, not a string column"):
+        prepare([str(f)], tmp_path / "o2", tokenizer=tok, progress=False, text_field="n")
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=rf"{bad}: not a readable parquet file"):
+        prepare([str(bad)], tmp_path / "o3", tokenizer=tok, progress=False)
