@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hymoe.data.errors import DataError
+from hymoe.data.remote import is_remote, join
 
 SINGLE_NAME = "data"  # the dataset's name when a stream reads one directory (`PackedStream(path)`)
 
@@ -32,7 +33,7 @@ class Source:
     4096 for the short-context share of a 1M-token long-context stage. None: only documents cut.
     """
 
-    path: Path
+    path: Path | str  # a directory, or a remote location (str; hymoe.data.remote)
     context_len: int | None = None
 
 
@@ -61,7 +62,8 @@ class Blend:
         if not sources:
             raise DataError("a blend needs at least one dataset")
         self.names = list(sources)
-        self.sources = [s if isinstance(s, Source) else Source(Path(s)) for s in sources.values()]
+        self.sources = [s if isinstance(s, Source) else Source(s if is_remote(s) else Path(s))
+                        for s in sources.values()]
         for name, s in zip(self.names, self.sources):
             if not name or "/" in name:
                 raise DataError(f"dataset name {name!r}: use a non-empty name without '/'")
@@ -133,11 +135,16 @@ def blend_from_config(cfg, total_tokens: int | None = None) -> Blend:
         if cfg.blend or cfg.phases:
             raise DataError("data.blend / data.phases need data.datasets (name → directory)")
         return Blend.single(cfg.path)
-    base = Path(cfg.path) if cfg.path not in ("", "???") else Path(".")
+    base = cfg.path if cfg.path not in ("", "???") else "."
     sources = {}
     for name, d in cfg.datasets.items():
-        p = Path(d.path)
-        sources[name] = Source(p if p.is_absolute() else base / p, d.context_len)
+        if is_remote(d.path) or Path(d.path).is_absolute():
+            p = d.path if is_remote(d.path) else Path(d.path)
+        elif is_remote(base):  # a relative dataset under a remote base
+            p = base if d.path in ("", ".") else join(base, d.path)
+        else:
+            p = Path(base) / d.path
+        sources[name] = Source(p, d.context_len)
     phases = []
     for i, ph in enumerate(cfg.phases):
         has_frac, has_tok = ph.start_fraction is not None, ph.start_tokens is not None

@@ -92,7 +92,7 @@ class PackedStream:
         self._fixed_streams = num_streams
         smallest = min(self.datasets, key=lambda d: d.n_docs)
         if smallest.n_docs < dp_size:
-            raise DataError(f"dataset '{smallest.name}' ({smallest.path}) has {smallest.n_docs} "
+            raise DataError(f"dataset '{smallest.name}' ({smallest.where}) has {smallest.n_docs} "
                             f"documents, fewer than dp_size={dp_size}; every rank needs one")
         n = num_streams or min(max(AUTO_STREAMS, dp_size * max(1, num_workers)), smallest.n_docs)
         self._pool = None
@@ -102,7 +102,7 @@ class PackedStream:
     def _layout(self, n: int, rr: int, base_tokens: int, states: dict[int, dict]) -> None:
         small = [d for d in self.datasets if d.n_docs < n]
         if small:
-            raise DataError(f"dataset '{small[0].name}' ({small[0].path}) has {small[0].n_docs} "
+            raise DataError(f"dataset '{small[0].name}' ({small[0].where}) has {small[0].n_docs} "
                             f"documents, fewer than num_streams={n}; lower data.num_streams")
         if n < self.dp_size:
             raise DataError(f"num_streams={n} is smaller than dp_size={self.dp_size}: every rank "
@@ -287,7 +287,7 @@ class PackedStream:
         for name, ident in state["datasets"].items():
             if name in mine and mine[name] != ident:
                 raise DataError(f"loader state field 'dataset' {name!r}: the checkpoint read other "
-                                f"shards than {self.datasets[self.blend.names.index(name)].path} "
+                                f"shards than {self.datasets[self.blend.names.index(name)].where} "
                                 "holds; point the dataset at the data the run started with")
 
     # -- metrics -------------------------------------------------------------------------------
@@ -331,7 +331,9 @@ class PackedStream:
 
 def _check_sizes(ds: Dataset) -> None:
     """Fail now, not hours into training, on a missing or truncated shard (sha256 is checked
-    when a shard is first opened)."""
+    when a shard is first opened; a remote dataset's shards are all checked when fetched)."""
+    if ds.remote:
+        return
     for i, s in enumerate(ds.shards):
         p = ds.path / s["name"]
         if not p.is_file():

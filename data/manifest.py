@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from hymoe.data.errors import DataError
+from hymoe.data.remote import fetch, is_remote, mirror_dir
 from hymoe.data.shards import DTYPES, iter_members, member_name, sha256_bytes
 
 MANIFEST_FILE = "manifest.json"
@@ -35,7 +36,10 @@ def manifest_path(path: str | Path) -> Path:
 
 
 def load_manifest(path: str | Path) -> dict:
-    """Read and validate a manifest (from a prepared directory or the json file itself)."""
+    """Read and validate a manifest (from a prepared directory or the json file itself, or a
+    remote dataset: fetched into its mirror, see hymoe.data.remote)."""
+    if is_remote(path):
+        path = fetch(path, MANIFEST_FILE, refresh=True)
     f = manifest_path(path)
     if not f.is_file():
         raise DataError(f"{f}: no manifest; is {f.parent} a directory made by `hymoe data prepare`?")
@@ -171,20 +175,32 @@ def verify(path: str | Path) -> list[str]:
     """Check every shard of a prepared directory against its manifest; [] means all is well.
 
     For each shard: it exists, its size and sha256 match, its tar parses, and its sample and token
-    counts match. Each problem is one line that starts with the shard's (or file's) name.
+    counts match. Each problem is one line that starts with the shard's (or file's) name. A remote
+    dataset (hymoe.data.remote) has every file fetched afresh into its mirror and checked there.
     """
-    directory = Path(path)
+    remote = str(path) if is_remote(path) else None
+    directory = mirror_dir(remote) if remote else Path(path)
     try:
-        m = load_manifest(directory)
+        m = load_manifest(remote or directory)
     except DataError as e:
         return [str(e)]
     problems: list[str] = []
+
+    def refetch(name: str) -> None:
+        if remote:
+            try:
+                fetch(remote, name, refresh=True)
+            except DataError as e:
+                problems.append(f"{name}: {e}")
+
+    refetch(m["tokenizer"]["file"])
     tok_file = directory / m["tokenizer"]["file"]
     if not tok_file.is_file():
         problems.append(f"{m['tokenizer']['file']}: missing")
     elif sha256_bytes(tok_file.read_bytes()) != m["tokenizer"]["fingerprint"]:
         problems.append(f"{m['tokenizer']['file']}: sha256 does not match tokenizer.fingerprint")
     for i, s in enumerate(m["shards"]):
+        refetch(s["name"])
         p = directory / s["name"]
         if not p.is_file():
             problems.append(f"{s['name']}: missing")

@@ -20,6 +20,7 @@ import numpy as np
 from hymoe.data.blend import Source
 from hymoe.data.errors import DataError
 from hymoe.data.manifest import first_keys, load_manifest
+from hymoe.data.remote import is_remote, mirror_dir
 from hymoe.data.shards import DTYPES
 
 
@@ -27,8 +28,11 @@ class Dataset:
     """A prepared directory as the loader reads it (manifest facts, order; no shard is opened)."""
 
     def __init__(self, name: str, source: Source):
-        self.name, self.path, self.context_len = name, Path(source.path), source.context_len
-        self.manifest = m = load_manifest(self.path)
+        self.name, self.context_len = name, source.context_len
+        # A remote dataset is read from its local mirror; shards arrive as streams need them.
+        self.remote = str(source.path) if is_remote(source.path) else None
+        self.path = mirror_dir(self.remote) if self.remote else Path(source.path)
+        self.manifest = m = load_manifest(self.remote or self.path)
         tok = m["tokenizer"]
         self.fingerprint, self.eod, self.vocab_size = tok["fingerprint"], tok["eod_id"], tok["vocab_size"]
         self.dtype = m["dtype"]
@@ -42,6 +46,11 @@ class Dataset:
         self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
         self._orders: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._doc_orders: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+
+    @property
+    def where(self) -> str:
+        """The location to name in messages: the remote one, or the directory."""
+        return self.remote or str(self.path)
 
     def _rng(self, seed: int, epoch: int, shard: int = -1) -> np.random.Generator:
         return np.random.default_rng([seed, self._key, epoch, shard + 1])

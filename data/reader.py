@@ -19,6 +19,7 @@ import numpy as np
 from hymoe.data.errors import DataError
 from hymoe.data.manifest import shard_problems
 from hymoe.data.order import Dataset
+from hymoe.data.remote import fetch, join
 from hymoe.data.shards import member_spans, sha256_file
 
 
@@ -69,6 +70,8 @@ class ShardCache:
             return self._open[key]
         entry = ds.shards[index]
         path = ds.path / entry["name"]
+        if ds.remote and not path.is_file():
+            path = fetch(ds.remote, entry["name"])
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -79,6 +82,10 @@ class ShardCache:
             # pages it reads stay in the page cache for the mapping.
             if st.st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                 problems = shard_problems(_map(path), ds.manifest, index)
+                if ds.remote:  # fetched again on the next open: the copy may be what broke
+                    where = join(ds.remote, entry["name"])
+                    path.unlink(missing_ok=True)
+                    return self._fail(key, f"{where}: corrupt shard: {'; '.join(problems)}")
                 return self._fail(key, f"{path}: corrupt shard: {'; '.join(problems)}")
             self._checked.add(stamp)
         data = _map(path)

@@ -36,7 +36,7 @@ class SubStream:
         self.ds, self.stream, self.seed, self.cache, self.on_corrupt = ds, stream, seed, cache, on_corrupt
         self.a, self.b = ds.span(stream, n_streams)
         if self.b <= self.a:
-            raise DataError(f"dataset '{ds.name}' ({ds.path}) has {ds.n_docs} documents, fewer "
+            raise DataError(f"dataset '{ds.name}' ({ds.where}) has {ds.n_docs} documents, fewer "
                             f"than data.num_streams={n_streams}; lower data.num_streams")
         self._eod = np.array([ds.eod], dtype=ds.np_dtype)
         self.load_state_dict({"epoch": 0, "pos": 0, "offset": 0, "carry": None,
@@ -81,7 +81,7 @@ class SubStream:
         """Skip the rest of a corrupt shard's documents in this span (or raise, by policy)."""
         if self.on_corrupt != "skip":
             raise DataError(f"{e} — dataset '{self.ds.name}'; run `hymoe data verify "
-                            f"{self.ds.path}` and prepare the shard again, or set "
+                            f"{self.ds.where}` and prepare the shard again, or set "
                             "data.on_corrupt=skip to skip it") from None
         if str(e) not in _warned:
             _warned.add(str(e))
@@ -93,8 +93,8 @@ class SubStream:
         self._skip_run += n
         if self._skip_run > self.b - self.a:
             raise DataError(f"every shard that stream {self.stream} reads of dataset "
-                            f"'{self.ds.name}' ({self.ds.path}) is corrupt; run `hymoe data "
-                            f"verify {self.ds.path}`")
+                            f"'{self.ds.name}' ({self.ds.where}) is corrupt; run `hymoe data "
+                            f"verify {self.ds.where}`")
         self.pos = end - self.a - 1
         self._next_doc()
 

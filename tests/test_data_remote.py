@@ -1,0 +1,132 @@
+"""Remote datasets (hymoe.data.remote): a prepared directory served over HTTP, or read through a
+`pipe:` command, streams exactly the batches of the local directory; a damaged remote shard is an
+error naming its URL and the sample (or skipped and counted with on_corrupt=skip); `verify` works on
+a URL; a failing command says which and why."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import random
+import shutil
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hymoe.data import DataError, verify
+from hymoe.data.blend import blend_from_config
+from hymoe.data.loader import PackedStream
+from hymoe.data.manifest import load_manifest
+from hymoe.data.prepare import prepare
+from hymoe.data.shards import read_members
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYMOE_DATA_CACHE", str(tmp_path / "mirror"))
+    return tmp_path / "mirror"
+
+
+@pytest.fixture(scope="module")
+def prepared(demo_data, tmp_path_factory):
+    """A small dataset of several shards (the demo tokenizer, synthetic text)."""
+    rng = random.Random(0)
+    src = tmp_path_factory.mktemp("remote_src")
+    words = ["def", "return", "class", "import", "self", "(x)", ":", "\n", "    ", "value"]
+    for i in range(40):
+        (src / f"d{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(50, 400))))
+    out = tmp_path_factory.mktemp("remote_data") / "web"
+    prepare([str(src)], out, tokenizer=str(demo_data / "tokenizer.json"), shard_tokens=3000,
+            progress=False)
+    assert len(load_manifest(out)["shards"]) >= 4
+    return out
+
+
+@pytest.fixture
+def served(prepared, tmp_path):
+    """A copy of the dataset served on localhost: (url, the served directory)."""
+    root = tmp_path / "www"
+    shutil.copytree(prepared, root / "web")
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/web", root / "web"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def batches(location, n=6, **kw):
+    s = PackedStream(location, seq_len=128, micro_batch=2, seed=3, **kw)
+    return [next(s) for _ in range(n)], s
+
+
+def same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert np.array_equal(x[k].numpy(), y[k].numpy()), k
+
+
+def test_http_and_pipe_stream_the_local_batches(prepared, served, mirror):
+    url, directory = served
+    local, _ = batches(prepared)
+    same(batches(url)[0], local)
+    same(batches(f"pipe:cat {directory}/{{}}")[0], local)
+    # What was read sits in one mirror folder per location, complete files only.
+    assert len(list(mirror.iterdir())) == 2
+    assert not list(mirror.rglob("*.tmp"))
+
+
+def test_damaged_remote_shard_names_the_url_and_is_fetched_again(served, mirror):
+    url, directory = served
+    m = load_manifest(directory)
+    name = m["shards"][0]["name"]
+    good = (directory / name).read_bytes()
+    bad = bytearray(good)
+    bad[read_members(good, name)[1][1]] ^= 0x01  # one bit of the second document
+    (directory / name).write_bytes(bytes(bad))
+    with pytest.raises(DataError, match=rf"{url}/{name}: corrupt shard: .*sample"):
+        batches(url, n=80, num_streams=1)
+    _, s = batches(url, n=80, num_streams=1, on_corrupt="skip")
+    assert s.metrics()["data/skipped_shards"] >= 1
+    # Repaired at the source: the broken copy was dropped from the mirror, so it is fetched anew.
+    (directory / name).write_bytes(good)
+    batches(url, n=80, num_streams=1)
+
+
+def test_verify_a_url(served, mirror):
+    url, directory = served
+    assert verify(url) == []
+    name = load_manifest(directory)["shards"][-1]["name"]
+    data = (directory / name).read_bytes()
+    (directory / name).write_bytes(data[: len(data) // 2])
+    problems = verify(url)
+    assert problems and all(p.startswith(name) for p in problems)
+    (directory / name).unlink()
+    assert any(p.startswith(f"{name}: {url}/{name}: could not fetch") for p in verify(url))
+
+
+def test_bad_locations_say_what_to_do(tmp_path, mirror):
+    with pytest.raises(DataError, match=r"pipe:false manifest.json: exited with 1"):
+        PackedStream("pipe:false {}", seq_len=8, micro_batch=1)
+    with pytest.raises(DataError, match=r"needs '\{\}' where the file name goes"):
+        PackedStream("pipe:cat manifest.json", seq_len=8, micro_batch=1)
+    with pytest.raises(DataError, match=r"http://127.0.0.1:9/nowhere/manifest.json: could not fetch"):
+        PackedStream("http://127.0.0.1:9/nowhere", seq_len=8, micro_batch=1)
+
+
+def test_datasets_relative_to_a_remote_base():
+    d = SimpleNamespace
+    cfg = d(path="https://example.org/corpus", blend={"web": 1, "code": 1}, phases=[],
+            datasets={"web": d(path="web", context_len=None), "code": d(path="s3code", context_len=None),
+                      "abs": d(path="pipe:cat /x/{}", context_len=4096)})
+    sources = blend_from_config(cfg).sources
+    assert [s.path for s in sources] == [
+        "https://example.org/corpus/web", "https://example.org/corpus/s3code", "pipe:cat /x/{}"]
