@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 
+from hymoe.launch.plan_cli import cmd_plan
 
 def _quiet():
     # megatron-core warns at import about every optional GPU package it cannot find.
@@ -122,9 +123,10 @@ def cmd_data(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser(
         "prepare",
-        help="tokenize text/jsonl files into webdataset shards + manifest.json",
-        description="Tokenize text files (one document each) or jsonl (a 'text' field per line) "
-        "into webdataset tar shards with a manifest of counts and sha256 checksums.",
+        help="tokenize text/jsonl/parquet files into webdataset shards + manifest.json",
+        description="Tokenize text files (one document each), jsonl (a 'text' field per line) or "
+        "parquet (a 'text' column) into webdataset tar shards with a manifest of counts and "
+        "sha256 checksums.",
     )
     prep.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="input files or globs")
     prep.add_argument("--output", required=True, help="output folder")
@@ -133,6 +135,8 @@ def cmd_data(argv: list[str]) -> int:
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this vocabulary size on the input")
     prep.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard (default 1M)")
     prep.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    prep.add_argument("--text-field", default="text",
+                      help="the jsonl field / parquet column holding the text (default: text)")
     ver = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
     ver.add_argument("dir")
     demo = sub.add_parser("demo", help="prepare the embedded demo corpus (Python stdlib source)")
@@ -148,7 +152,7 @@ def cmd_data(argv: list[str]) -> int:
 
             m = prepare(args.input, args.output, tokenizer=args.tokenizer,
                         train_tokenizer_vocab=args.train_tokenizer, shard_tokens=args.shard_tokens,
-                        workers=args.workers)
+                        workers=args.workers, text_field=args.text_field)
             print(f"wrote {len(m['shards'])} shards, {m['totals']['tokens']:,} tokens → {args.output}")
         elif args.cmd == "verify":
             from hymoe.data import verify
@@ -278,6 +282,7 @@ def cmd_convert(argv: list[str]) -> int:
 COMMANDS = {
     "train": cmd_train, "data": cmd_data, "model": cmd_model, "precision": cmd_precision,
     "demo": cmd_demo, "compare": cmd_compare, "convert": cmd_convert,
+    "plan": cmd_plan,
 }
 
 

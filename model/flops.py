@@ -77,3 +77,41 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, vocab_size: int | None = Non
     MFU = tokens/s · flops_per_token / peak FLOP/s."""
     fwd = flops_breakdown(cfg, seq_len, vocab_size, mtp_depths, mtp_pattern)["total"]
     return 3.0 * fwd if training else fwd
+
+
+def layer_flops_by_module(cfg: ModelConfig, symbol: str, seq_len: int) -> dict[str, float]:
+    """``layer_flops`` split by the module that spends it, keyed by megatron-core's module name
+    inside the layer (``mixer.in_proj``, ``mlp.experts.linear_fc1``, …; ``mixer.scan`` and
+    ``self_attention.core_attention`` for the parts that are not weight GEMMs). The planner needs
+    the split because each module runs in its own precision. Sums to ``layer_flops``."""
+    h = cfg.hidden_size
+    if symbol == MAMBA:
+        d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+        return {
+            "mixer.in_proj": 2 * h * (2 * d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
+                                      + cfg.mamba_num_heads),
+            "mixer.scan": SSD_SCAN_FLOPS_PER_STATE * d_inner * cfg.mamba_state_dim,
+            "mixer.out_proj": 2 * d_inner * h,
+        }
+    if symbol == ATTENTION:
+        q = cfg.num_attention_heads * cfg.head_dim
+        kv = 2 * cfg.num_query_groups * cfg.head_dim
+        return {
+            "self_attention.linear_qkv": 2 * h * (q + kv),
+            "self_attention.core_attention": 2 * 2 * q * (seq_len / 2),
+            "self_attention.linear_proj": 2 * q * h,
+        }
+    if symbol == MLP:
+        return {"mlp.linear_fc1": 2 * h * cfg.ffn_hidden_size,
+                "mlp.linear_fc2": 2 * h * cfg.ffn_hidden_size}
+    if symbol == MOE:
+        width = cfg.moe_latent_size or h
+        routed = cfg.moe_router_topk * 2 * width * cfg.moe_ffn_hidden_size
+        shared = 2 * h * (cfg.moe_shared_expert_intermediate_size or 0)
+        out = {"mlp.router": 2 * h * cfg.num_experts,
+               "mlp.experts.linear_fc1": routed, "mlp.experts.linear_fc2": routed,
+               "mlp.shared_experts.linear_fc1": shared, "mlp.shared_experts.linear_fc2": shared}
+        if cfg.moe_latent_size:
+            out["mlp.fc1_latent_proj"] = out["mlp.fc2_latent_proj"] = 2 * h * cfg.moe_latent_size
+        return out
+    raise ValueError(f"unknown layer symbol {symbol!r}")

@@ -102,17 +102,38 @@ class ParallelConfig:
         if d.attention_heads:
             if d.attention_heads % tp:
                 fail("tp", f"tp={tp} does not divide model.num_attention_heads={d.attention_heads}")
-            if d.query_groups % tp:
+            # megatron-core (TransformerConfig, SelfAttention) accepts both ways round: tp ≤ groups
+            # gives each rank whole KV groups; tp > groups (Nano: tp=8, 2 groups) all-gathers the
+            # QKV output over TP and gives each rank the K/V of one group, shared by tp/groups
+            # ranks. Plain megatron code, not Transformer Engine's: hymoe's local specs run it.
+            if d.query_groups % tp and tp % d.query_groups:
                 fail(
                     "tp",
-                    f"tp={tp} does not divide model.num_query_groups={d.query_groups} "
-                    "(megatron-core shards whole KV groups over TP)",
+                    f"tp={tp} and model.num_query_groups={d.query_groups}: one must divide the "
+                    "other (megatron-core gives each TP rank whole KV groups, or, with more TP "
+                    "ranks than groups, one group shared by tp/groups ranks)",
                 )
         if d.mamba_heads:
             if d.mamba_heads % tp:
                 fail("tp", f"tp={tp} does not divide model.mamba_num_heads={d.mamba_heads}")
             if d.mamba_groups % tp:
                 fail("tp", f"tp={tp} does not divide model.mamba_num_groups={d.mamba_groups}")
+            # Context parallelism in Mamba layers (megatron-core's MambaContextParallel) trades the
+            # sequence shard for a head shard: each rank scans all tokens for heads/(tp·cp) heads,
+            # and B/C groups are split over cp too, or repeated when there are fewer than cp.
+            heads, groups = d.mamba_heads // tp, d.mamba_groups // tp
+            if self.cp > 1 and heads % self.cp:
+                fail(
+                    "cp",
+                    f"cp={self.cp} must divide the Mamba heads per TP rank, model.mamba_num_heads"
+                    f"/tp = {d.mamba_heads}/{tp} = {heads} (each rank scans heads/(tp·cp) heads)",
+                )
+            if self.cp > 1 and groups % self.cp and self.cp % groups:
+                fail(
+                    "cp",
+                    f"cp={self.cp} and the Mamba groups per TP rank, model.mamba_num_groups/tp = "
+                    f"{d.mamba_groups}/{tp} = {groups}: one must divide the other",
+                )
         if d.num_experts:
             if d.num_experts % self.ep:
                 fail("ep", f"ep={self.ep} does not divide model.num_experts={d.num_experts}")

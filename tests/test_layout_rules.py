@@ -1,0 +1,101 @@
+"""Layout rules that follow megatron-core 0.16.1 exactly: KV groups against TP, Mamba heads and
+groups against TP·CP, no virtual pipeline for the hybrid stack; the published Nemotron 3 layouts
+pass them; a model with fewer KV groups than TP ranks trains as it does without TP."""
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from helpers import hymoe, torchrun
+from hymoe.parallel.layout import LayoutError, ModelDims, ParallelConfig
+from hymoe.train.config import model_dims
+from hymoe.train.recipe import load_recipe
+
+WORKERS = Path(__file__).parent / "distributed"
+
+
+def dims(**kw) -> ModelDims:
+    return ModelDims(**{"num_layers": 4, **kw})
+
+
+def refused(layout: ParallelConfig, world: int, d: ModelDims) -> str:
+    with pytest.raises(LayoutError) as e:
+        layout.validate(world, d)
+    return str(e.value)
+
+
+def test_fewer_kv_groups_than_tp_ranks_is_a_layout():
+    # Nano: 32 heads, 2 KV groups, published at tp=8; megatron-core gives each group to 4 ranks.
+    assert ParallelConfig(tp=8).validate(8, dims(attention_heads=32, query_groups=2)) == 1
+    assert ParallelConfig(tp=4).validate(4, dims(attention_heads=4, query_groups=4)) == 1
+
+
+def test_kv_groups_and_tp_must_divide_one_another():
+    msg = refused(ParallelConfig(tp=4), 4, dims(attention_heads=12, query_groups=6))
+    assert msg.startswith("parallel.tp:") and "num_query_groups=6" in msg and "divide" in msg
+
+
+def test_tp_must_still_divide_the_heads():
+    msg = refused(ParallelConfig(tp=8), 8, dims(attention_heads=12, query_groups=1))
+    assert msg.startswith("parallel.tp:") and "num_attention_heads=12" in msg
+
+
+def test_cp_must_divide_the_mamba_heads_per_tp_rank():
+    d = dims(mamba_heads=64, mamba_groups=8)  # Nano's Mamba-2
+    assert ParallelConfig(tp=8, cp=8).validate(64, d) == 1  # 8 heads per TP rank, 1 per CP rank
+    msg = refused(ParallelConfig(tp=8, cp=16), 128, d)
+    assert msg.startswith("parallel.cp:") and "64/8 = 8" in msg
+
+
+def test_cp_and_the_mamba_groups_per_tp_rank_must_divide_one_another():
+    # Fewer groups than CP ranks: megatron-core repeats them (Super: 4 groups per TP rank at tp=2,
+    # shared by cp=64 ranks).
+    assert ParallelConfig(tp=2, cp=64).validate(128, dims(mamba_heads=128, mamba_groups=8)) == 1
+    msg = refused(ParallelConfig(cp=4), 4, dims(mamba_heads=48, mamba_groups=6))
+    assert msg.startswith("parallel.cp:") and "mamba_num_groups" in msg
+
+
+@pytest.mark.parametrize("recipe, world, seq_len, layout", [
+    ("nano_30b_a3b", 256, 524288, ParallelConfig(tp=8, cp=8, ep=8, pp=4)),
+    ("super_120b_a12b", 128, 1048576, ParallelConfig(tp=2, cp=64, ep=64)),
+    ("super_120b_a12b", 1024, 8192, ParallelConfig(tp=4, ep=8)),
+])
+def test_published_layouts_pass(recipe, world, seq_len, layout):
+    model = load_recipe(recipe, []).model
+    dp = layout.validate(world, model_dims(model, seq_len))
+    assert dp == world // (layout.tp * layout.cp * layout.pp)
+
+
+def test_megatron_core_has_no_virtual_pipeline_for_the_hybrid_stack():
+    """Why ParallelConfig has no vpp field: megatron-core 0.16.1's MambaStack asserts
+    virtual_pipeline_model_parallel_size is None when it splits layers over stages."""
+    from megatron.core.ssm.mamba_block import MambaStack
+
+    src = inspect.getsource(MambaStack._select_layers_for_pipeline_parallel)
+    assert "virtual_pipeline_model_parallel_size is None" in src
+    assert not hasattr(ParallelConfig(), "vpp")
+
+
+def test_cli_refuses_kv_groups_that_do_not_divide_tp():
+    r = hymoe("train", "tiny", "model.num_attention_heads=12", "model.num_query_groups=6",
+              "parallel.tp=4", "--print-config")
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hymoe: error: parallel.tp:"), r.stderr
+    assert "num_query_groups=6" in lines[0]
+
+
+def test_cli_accepts_fewer_kv_groups_than_tp_ranks():
+    r = hymoe("train", "tiny", "model.num_query_groups=1", "parallel.tp=2", "--print-config",
+              env={"WORLD_SIZE": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "num_query_groups: 1" in r.stdout
+
+
+def test_fewer_kv_groups_than_tp_ranks_trains_like_dp(tmp_path):
+    torchrun(WORKERS / "gqa_worker.py", 2, str(tmp_path))
+    runs = json.loads((tmp_path / "gqa.json").read_text())
+    for a, b in zip(runs["dp2"], runs["tp2"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
