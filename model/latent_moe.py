@@ -89,6 +89,30 @@ def _latent_hidden_from(config: TransformerConfig):
         config.moe_latent_size = latent
 
 
+def _aux_loss_independent_of_layout(router) -> None:
+    """Make the load-balancing loss's gradient the same at every tp/cp (and dp for the global
+    variant), as the layout equality tests require.
+
+    Each rank's aux loss is its tokens' share of the loss of the whole reduce group (tp·cp ranks
+    for the sequence aux loss), normalised by the group's token count; with per-token loss
+    scaling megatron-core 0.16.1 multiplies it by the rank's *local* token count, which finalize
+    then divides by the global one. Summed over the group that is the aux loss times
+    local/group tokens = 1/(tp·cp) under sequence or context parallelism: the coefficient would
+    silently shrink with the layout. Counting the group's tokens instead restores the cp = tp = 1
+    gradient exactly."""
+    attach = router.attach_and_log_load_balancing_loss
+
+    def attach_group_scaled(activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+                            reduce_group_has_dp=False, valid_token_count=None):
+        if router.calculate_per_token_loss:
+            local = activation.shape[0] if valid_token_count is None else valid_token_count
+            valid_token_count = local * reduce_group.size()
+        return attach(activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+                      reduce_group_has_dp, valid_token_count)
+
+    router.attach_and_log_load_balancing_loss = attach_group_scaled
+
+
 class LatentMoELayer(MoELayer):
     """megatron-core's MoELayer with d → ℓ before dispatch and ℓ → d after combine.
 
@@ -106,6 +130,7 @@ class LatentMoELayer(MoELayer):
     ):
         if not config.moe_latent_size:
             super().__init__(config, submodules, layer_number, pg_collection)
+            _aux_loss_independent_of_layout(self.router)
             return
         if config.moe_shared_expert_overlap:
             raise ValueError(
@@ -123,6 +148,7 @@ class LatentMoELayer(MoELayer):
         self.experts = build_module(
             submodules.experts, self.num_local_experts, config, pg_collection=pg_collection
         )
+        _aux_loss_independent_of_layout(self.router)
         self.fc1_latent_proj = LatentProjection(
             config, config.hidden_size, latent, config.init_method, tp_group=pg_collection.tp
         )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.ssm.mamba_context_parallel import MambaContextParallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
@@ -132,6 +133,12 @@ class MambaMixer(MegatronModule):
             self.d_inner_local, self.d_inner_local // self.ngroups_local, config.layernorm_epsilon,
             config.params_dtype,
         )
+        self.cp = MambaContextParallel(
+            cp_group=pg_collection.cp, d_inner_local_tp=self.d_inner_local,
+            nheads_local_tp=self.nheads_local, ngroups_local_tp=self.ngroups_local,
+            d_state=self.d_state, conv1d_cp1=self.conv1d, dt_bias_cp1=self.dt_bias,
+            A_log_cp1=self.A_log, D_cp1=self.D, D_has_hdim=False,
+        )
         self.out_proj = build_module(
             submodules.out_proj,
             self.d_inner,
@@ -147,41 +154,46 @@ class MambaMixer(MegatronModule):
         )
 
     def forward(self, hidden_states, inference_context=None, *, packed_seq_params=None, seq_idx=None):
-        """hidden_states [s, b, h] → (out [s, b, h], bias None). ``seq_idx`` int [b, s] (full
-        sequence) resets the conv and scan state at document boundaries; megatron's layers cannot
-        pass it down, so ``HybridModel`` sets ``self.seq_idx`` before each forward instead."""
+        """hidden_states [s, b, h] → (out [s, b, h], bias None). ``seq_idx`` int [b, S] (the whole
+        sequence, in order) resets the conv and scan state at document boundaries; megatron's
+        layers cannot pass it down, so ``HybridModel`` sets ``self.seq_idx`` before each forward.
+
+        Under context parallelism the scan needs the whole sequence: ``self.cp`` (megatron-core's
+        MambaContextParallel) trades the sequence shard for a head shard before the conv and
+        back after the scan, so each CP rank scans all S tokens for nheads/cp heads. At cp = 1 it
+        is the identity and its parameter views are the parameters themselves."""
         if seq_idx is None:
             seq_idx = getattr(self, "seq_idx", None)
-        zxbcdt, _ = self.in_proj(hidden_states)  # [S, b, local], full sequence after SP gather
-        zxbcdt = zxbcdt.transpose(0, 1)  # scan kernels are batch-first
+        cp = self.cp
+        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, local], full local sequence after SP gather
+        zxbcdt = cp.pre_conv_ssm(zxbcdt).transpose(0, 1)  # [b, S, local/cp]; kernels are batch-first
+        d_inner, ngroups, nheads = cp.d_inner_local_tpcp, cp.ngroups_local_tpcp, cp.nheads_local_tpcp
         z, xbc, dt = torch.split(
-            zxbcdt,
-            [self.d_inner_local, self.d_inner_local + 2 * self.ngroups_local * self.d_state, self.nheads_local],
-            dim=-1,
+            zxbcdt, [d_inner, d_inner + 2 * ngroups * self.d_state, nheads], dim=-1
         )
         xbc = ssd.causal_conv1d(
-            xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu"
+            xbc, cp.get_conv1d_weight().squeeze(1), cp.get_conv1d_bias(), seq_idx=seq_idx,
+            activation="silu",
         )
-        x, B, C = torch.split(
-            xbc,
-            [self.d_inner_local, self.ngroups_local * self.d_state, self.ngroups_local * self.d_state],
-            dim=-1,
-        )
+        x, B, C = torch.split(xbc, [d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1)
         b, s = x.shape[:2]
         y = ssd.ssd_chunk_scan(
-            x.reshape(b, s, self.nheads_local, self.headdim),
+            x.reshape(b, s, nheads, self.headdim),
             dt,
-            -torch.exp(self.A_log.float()),
-            B.reshape(b, s, self.ngroups_local, self.d_state),
-            C.reshape(b, s, self.ngroups_local, self.d_state),
+            -torch.exp(cp.get_A_log().float()),
+            B.reshape(b, s, ngroups, self.d_state),
+            C.reshape(b, s, ngroups, self.d_state),
             chunk_size=self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
+            D=cp.get_D(),
+            dt_bias=cp.get_dt_bias(),
             dt_softplus=True,
             dt_limit=self.dt_limit,
             seq_idx=seq_idx,
         )
-        y = self.norm(y.reshape(b, s, self.d_inner_local), z)
+        # Back to the sequence shard before the norm: its groups span heads of several CP ranks.
+        y = cp.post_conv_ssm(y.reshape(b, s, d_inner).transpose(0, 1))
+        z = cp.post_conv_ssm(z.transpose(0, 1).contiguous())
+        y = self.norm(y.transpose(0, 1), z.transpose(0, 1))
         out, out_bias = self.out_proj(y.transpose(0, 1).contiguous())
         return out, out_bias
 

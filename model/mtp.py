@@ -29,6 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from hymoe.model.norm import RMSNorm
+from hymoe.parallel import context
 from hymoe.model.pattern import MOE
 
 
@@ -63,15 +64,6 @@ def mtp_block_spec(transformer_layer_spec: ModuleSpec, layers: int) -> ModuleSpe
         module=MultiTokenPredictionBlock,
         submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * layers),
     )
-
-
-def document_attention_mask(seq_idx: torch.Tensor) -> torch.Tensor:
-    """[b, s] document ids → bool [b, 1, s, s], True where attention is NOT allowed (megatron's
-    convention): a token sees earlier tokens of its own document only."""
-    s = seq_idx.shape[1]
-    same = seq_idx[:, :, None] == seq_idx[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=seq_idx.device).tril()
-    return ~(same & causal)[:, None]
 
 
 class SharedLayerMTPBlock(MultiTokenPredictionBlock):
@@ -130,13 +122,18 @@ class HybridModel(MambaModel):
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
                 inference_context=None, runtime_gather_output=None, *, loss_mask=None,
                 seq_idx=None, **kwargs):
-        """``seq_idx`` int [b, s] (document index per token, from the loader) makes packed
+        """``seq_idx`` int [b, S] (document index per token, from the loader) makes packed
         documents independent: Mamba state resets at each boundary and attention is masked to the
-        token's own document (megatron's reset_attention_mask). None: one causal stream per row."""
+        token's own document (megatron's reset_attention_mask). None: one causal stream per row.
+
+        Under context parallelism ``input_ids`` etc. hold this rank's S/cp tokens
+        (``hymoe.parallel.context.shard_sequence``) while ``seq_idx`` covers the whole sequence:
+        the Mamba scan runs over all of it and attention masks by global position."""
         for mixer in self._mamba_mixers():
             mixer.seq_idx = seq_idx
-        if seq_idx is not None:
-            attention_mask = document_attention_mask(seq_idx)
+        cp = self.config.context_parallel_size
+        if cp > 1 or seq_idx is not None:
+            attention_mask = context.attention_mask(input_ids.shape[1] * cp, seq_idx, input_ids.device)
         if not self.mtp_process or labels is None:
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input=decoder_input,

@@ -19,7 +19,6 @@ from megatron.core.ssm.mamba_block import MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -31,10 +30,13 @@ from megatron.core.transformer.transformer_layer import (
 from hymoe.model.latent_moe import HybridMoETransformerLayer, LatentMoELayer
 from hymoe.model.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from hymoe.model.norm import RMSNorm
+from hymoe.parallel.context import SDPAttention
 
 
 def hybrid_stack_submodules(num_experts: int | None) -> MambaStackSubmodules:
-    """Layer specs for every symbol of the pattern (``num_experts`` None when there is no E)."""
+    """Layer specs for every symbol of the pattern (``num_experts`` None when there is no E).
+    Core attention is hymoe's ``SDPAttention`` (PyTorch SDPA; context parallel when ``cp`` > 1):
+    megatron-core's own local attention materialises all scores and refuses cp > 1."""
     backend = LocalSpecProvider()
     col, row = backend.column_parallel_linear(), backend.row_parallel_linear()
     mamba = ModuleSpec(
@@ -55,7 +57,9 @@ def hybrid_stack_submodules(num_experts: int | None) -> MambaStackSubmodules:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=col, core_attention=DotProductAttention, linear_proj=row
+                    linear_qkv=col,
+                    core_attention=SDPAttention,
+                    linear_proj=row,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

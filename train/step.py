@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from hymoe.parallel.context import shard_sequence
 from hymoe.train import faults
 
 
@@ -48,12 +49,14 @@ def forward_step(data_iterator: Iterator[dict], model, poison: bool = False,
                  document_masks: bool = False):
     """megatron-core forward_step_func: every stage reads the same batch stream (the first stage
     needs tokens, the last needs labels and the mask). With ``document_masks`` the batch's
-    ``seq_idx`` keeps packed documents apart (Mamba state resets, attention masked)."""
+    ``seq_idx`` keeps packed documents apart (Mamba state resets, attention masked). Under
+    context parallelism every CP rank reads the same batch and keeps its share of the tokens;
+    ``seq_idx`` stays whole (the model needs the whole sequence's documents)."""
     batch = next(data_iterator)
     dev = next(model.parameters()).device
-    tokens = batch["tokens"].to(dev, non_blocking=True)
-    labels = batch["labels"].to(dev, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
+    tokens, labels, loss_mask = (
+        shard_sequence(batch[k]).to(dev, non_blocking=True) for k in ("tokens", "labels", "loss_mask")
+    )
     seq_idx = batch["seq_idx"].to(dev, non_blocking=True) if document_masks else None
     output = model(tokens, None, None, labels=labels, loss_mask=loss_mask, seq_idx=seq_idx)
     return output, partial(_loss_func, loss_mask, poison=poison)

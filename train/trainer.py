@@ -36,7 +36,12 @@ def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
 
 
 def ensure_data(cfg: HymoeConfig, console) -> Path:
-    """The prepared data folder; for demo recipes, prepared here on first use (rank 0)."""
+    """The prepared data folder (or remote location); for demo recipes, prepared here on first use
+    (rank 0)."""
+    from hymoe.data.remote import is_remote
+
+    if is_remote(cfg.data.path):  # its manifest is fetched (and checked) when it is opened
+        return cfg.data.path
     path = Path(cfg.data.path)
     if (path / "manifest.json").exists():
         return path
@@ -153,7 +158,7 @@ class Trainer:
                 f"model: {cfg.model.pattern} · {n_params/1e6:.2f}M parameters on this rank · "
                 f"vocab {self.vocab_size} · dtype {str(self.dtype).replace('torch.', '')}"
                 + (" (fp32 compute on CPU)" if self.dtype == torch.float32 and not torch.cuda.is_available() else "")
-                + f" · dp={self.dp_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep}"
+                + f" · dp={self.dp_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep} cp={cfg.parallel.cp}"
             )
             self.console.print(
                 f"precision: {cfg.precision.recipe} · {backend.reason} · "
