@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install oracles demo test lint gpu-check clean
+.PHONY: install oracles demo test lint gpu-check slurm clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# A one-node Slurm cluster on this machine (root; installs the Debian packages on first use), for
+# tests/test_launch_slurm.py and for trying `hymoe launch slurm` (docs/launch.md).
+slurm:
+	bash tests/slurm/start_cluster.sh --install
 
 # Every GPU check in one script (< 8 minutes); see docs/benchmarks.md.
 gpu-check:

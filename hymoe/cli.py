@@ -7,7 +7,10 @@ import os
 import sys
 import warnings
 
+from hymoe.launch.cli import cmd_launch
 from hymoe.launch.plan_cli import cmd_plan
+from hymoe.train.eval_cli import cmd_eval
+
 
 def _quiet():
     # megatron-core warns at import about every optional GPU package it cannot find.
@@ -101,8 +104,10 @@ def cmd_train(argv: list[str]) -> int:
                 validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
                 print(to_yaml(cfg))
                 continue
+            from hymoe.launch.diagnostics import print_startup
             from hymoe.train.trainer import Trainer
 
+            print_startup(cfg)  # rank 0: layout, rendezvous/NCCL env, GPU, versions, backend
             Trainer(cfg).train()
     except ConfigError as e:
         _fail(str(e))
@@ -234,9 +239,11 @@ def cmd_compare(argv: list[str]) -> int:
     """compare loss curves of runs (plot + gap)"""
     p = argparse.ArgumentParser(
         prog="hymoe compare",
-        description="Compare the loss curves of runs (metrics.jsonl); write a plot and a summary.",
+        description="Compare the loss curves of runs (metrics.jsonl, or wandb's local run files); "
+                    "write a plot and a summary.",
     )
-    p.add_argument("runs", nargs="+", help="run directories (the first is the baseline)")
+    p.add_argument("runs", nargs="+", help="run directories or wandb run folders (the first is the "
+                                           "baseline)")
     p.add_argument("--out", default=None, help="folder for loss_curves.png and compare.json")
     p.add_argument("--max-gap", type=float, default=None, metavar="PCT",
                    help="exit 1 if the final loss gap to the baseline exceeds PCT percent")
@@ -244,7 +251,10 @@ def cmd_compare(argv: list[str]) -> int:
     _quiet()
     from hymoe.train.compare import compare_runs
 
-    summary = compare_runs(args.runs, args.out or args.runs[0])
+    try:
+        summary = compare_runs(args.runs, args.out or args.runs[0])
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 1)
     for line in summary["lines"]:
         print(line)
     if args.max_gap is not None and summary["max_gap_pct"] > args.max_gap:
@@ -282,7 +292,9 @@ def cmd_convert(argv: list[str]) -> int:
 COMMANDS = {
     "train": cmd_train, "data": cmd_data, "model": cmd_model, "precision": cmd_precision,
     "demo": cmd_demo, "compare": cmd_compare, "convert": cmd_convert,
+    "launch": cmd_launch,
     "plan": cmd_plan,
+    "eval": cmd_eval,
 }
 
 

@@ -47,6 +47,13 @@ RECOMPUTE_FLAGS = {
     "selective": "recompute_granularity=selective recompute_modules=[layernorm,moe_act]",
     "moe": "recompute_granularity=selective recompute_modules=[layernorm,moe]",
 }
+# ... and hymoe's recipe keys for it (None: megatron's layernorm and moe_act recompute need
+# Transformer Engine layers and grouped GEMM, which hymoe's layers do not use yet).
+RECOMPUTE_OVERRIDES = {
+    "none": "",
+    "selective": None,
+    "moe": "train.recompute=selective train.recompute_modules=[moe]",
+}
 
 
 @dataclass
@@ -71,6 +78,8 @@ class Plan:
                f"parallel.ep={p.ep}", f"parallel.etp={p.expert_tp}",
                f"parallel.distributed_optimizer={str(p.distributed_optimizer).lower()}",
                f"train.micro_batch={self.micro_batch}"]
+        if RECOMPUTE_OVERRIDES[self.recompute]:
+            out.append(RECOMPUTE_OVERRIDES[self.recompute])
         return " ".join(out)
 
     def key(self) -> tuple:
@@ -248,8 +257,9 @@ def annotate(cfg: HymoeConfig, p: Plan, world: int, gpu: GPU) -> None:
         validate(trial, world)
     except ConfigError as e:
         p.notes.append(f"hymoe train refuses it today: {e}")
-    if p.recompute != "none":
-        p.notes.append(f"needs megatron {RECOMPUTE_FLAGS[p.recompute]} (no hymoe recipe key yet)")
+    if RECOMPUTE_OVERRIDES[p.recompute] is None:
+        p.notes.append(f"needs megatron {RECOMPUTE_FLAGS[p.recompute]} (Transformer Engine "
+                       "layers and grouped GEMM; not in hymoe yet)")
     if cfg.precision.recipe in ("nvfp4", "mxfp8") and not gpu.mx_formats:
         p.notes.append(f"{gpu.name} has no {cfg.precision.recipe} tensor cores: quantized GEMMs "
                        "are emulated at BF16 speed")

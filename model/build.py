@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
+import torch.utils.checkpoint
 from megatron.core.ssm.mamba_block import MambaStack
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -14,13 +18,67 @@ from hymoe.model.specs import hybrid_stack_submodules
 
 
 class HybridStack(MambaStack):
-    """megatron-core's MambaStack with a final norm that needs no Transformer Engine."""
+    """megatron-core's MambaStack with a final norm that needs no Transformer Engine, and full
+    activation recompute (``config.hymoe_recompute_full``), which megatron's Mamba stack lacks."""
 
     def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
         super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
             self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+        if getattr(config, "hymoe_recompute_full", False):
+            for layer in self.layers:
+                layer.forward = _recomputed(layer, layer.forward)
+
+
+def _recomputed(layer, forward):
+    """``forward`` keeping only the layer's inputs for the backward, which runs it again.
+
+    The second run is bookkeeping-silent: megatron-core's MoE routers add their aux losses to a
+    process-wide log and count tokens per expert for the expert-bias update in every forward, so
+    the recomputation restores both afterwards (the math is the first run's, bit for bit). It also
+    sees the first run's document boundaries (the Mamba mixer's ``seq_idx`` side channel), which
+    a pipeline schedule may have moved on to another microbatch's by then."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        calls = []
+        side = [(m, m.seq_idx) for m in layer.modules() if hasattr(m, "seq_idx")]
+
+        def once_logged(*a, **k):
+            calls.append(None)
+            if len(calls) == 1:
+                return forward(*a, **k)
+            now = [(m, m.seq_idx) for m, _ in side]
+            for m, seq_idx in side:
+                m.seq_idx = seq_idx
+            try:
+                with _bookkeeping_restored(layer):
+                    return forward(*a, **k)
+            finally:
+                for m, seq_idx in now:
+                    m.seq_idx = seq_idx
+
+        return torch.utils.checkpoint.checkpoint(once_logged, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+@contextmanager
+def _bookkeeping_restored(layer):
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
+    counts = [(m, m.local_tokens_per_expert.clone()) for m in layer.modules()
+              if isinstance(getattr(m, "local_tokens_per_expert", None), torch.Tensor)]
+    try:
+        yield
+    finally:
+        for k, values in tracker.items():
+            get_moe_layer_wise_logging_tracker()[k]["values"].copy_(values)
+        for m, c in counts:
+            m.local_tokens_per_expert.copy_(c)
 
 
 def build_transformer_config(model: ModelConfig, **parallel_and_precision) -> TransformerConfig:
@@ -40,6 +98,8 @@ def build_transformer_config(model: ModelConfig, **parallel_and_precision) -> Tr
     # Not TransformerConfig fields: the SSD chunk length and dt clamp the mixer reads.
     config.hymoe_mamba_chunk_size = model.mamba_chunk_size
     config.hymoe_mamba_dt_limit = (model.mamba_dt_min_clamp, float("inf"))
+    # Read by HybridModel's loss (hymoe.model.chunked_loss); 0: megatron's unchunked loss.
+    config.hymoe_loss_chunk_tokens = model.loss_chunk_tokens
     return config
 
 

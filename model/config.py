@@ -56,6 +56,10 @@ class ModelConfig:
     # depths (Nemotron 3 Super) or one per depth; weight of the averaged MTP loss in the total.
     mtp_shared_layer: bool = False
     mtp_loss_scale: float = 0.3
+    # Output layer + cross-entropy in chunks of at most this many tokens (sequence positions ×
+    # micro-batch rows) per rank, each chunk's logits recomputed in the backward: a long sequence
+    # never holds its full-vocabulary logits at once. Same losses and gradients. 0: off.
+    loss_chunk_tokens: int = 0
 
     def validate(self) -> None:
         try:
@@ -96,6 +100,8 @@ class ModelConfig:
         need(
             self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be positive or null"
         )
+        need(self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
+             f"must be ≥ 0 (0: off), got {self.loss_chunk_tokens}")
 
     @property
     def num_layers(self) -> int:

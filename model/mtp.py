@@ -28,6 +28,7 @@ from megatron.core.ssm.mamba_block import MambaStackSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from hymoe.model.chunked_loss import chunked_language_model_loss
 from hymoe.model.norm import RMSNorm
 from hymoe.parallel import context
 from hymoe.model.pattern import MOE
@@ -134,7 +135,8 @@ class HybridModel(MambaModel):
         cp = self.config.context_parallel_size
         if cp > 1 or seq_idx is not None:
             attention_mask = context.attention_mask(input_ids.shape[1] * cp, seq_idx, input_ids.device)
-        if not self.mtp_process or labels is None:
+        chunked = getattr(self.config, "hymoe_loss_chunk_tokens", 0)
+        if labels is None or not self.post_process or not (self.mtp_process or chunked):
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                 labels=labels, inference_context=inference_context,
@@ -145,6 +147,8 @@ class HybridModel(MambaModel):
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask)
+        if not self.mtp_process:
+            return self.language_model_loss(hidden, labels)
         depths = self.mtp_depths
         hidden = self.mtp(input_ids=input_ids, position_ids=position_ids, hidden_states=hidden,
                           attention_mask=attention_mask, embedding=self.embedding)
@@ -154,13 +158,21 @@ class HybridModel(MambaModel):
         mask = torch.ones_like(mtp_labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         scale = self.config.mtp_loss_scaling_factor / depths
         for k in range(depths):
-            logits, _ = self.output_layer(chunks[k + 1])
             mtp_labels, _ = roll_tensor(mtp_labels, shifts=-1, dims=-1, cp_group=self.cp_group)
             mask, num_tokens = roll_tensor(mask, shifts=-1, dims=-1, cp_group=self.cp_group)
-            loss = self.compute_language_model_loss(mtp_labels, logits) * mask
+            loss = self.language_model_loss(chunks[k + 1], mtp_labels) * mask
             self.mtp_report[k, 0] += float(loss.detach().sum())
             self.mtp_report[k, 1] += float(num_tokens)
             # Per-token loss accounting (calculate_per_token_loss): the sum, not the mean.
             hidden = MTPLossAutoScaler.apply(hidden, scale * loss)
-        logits, _ = self.output_layer(hidden)
+        return self.language_model_loss(hidden, labels)
+
+    def language_model_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss fp32 [b, s] of the output layer on ``hidden`` [s, b, h]; in chunks of
+        ``model.loss_chunk_tokens`` tokens when that is set (``hymoe.model.chunked_loss``)."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        chunk_tokens = getattr(self.config, "hymoe_loss_chunk_tokens", 0)
+        if chunk_tokens:
+            return chunked_language_model_loss(self, hidden, labels, chunk_tokens, weight)
+        logits, _ = self.output_layer(hidden, weight=weight)
         return self.compute_language_model_loss(labels, logits)

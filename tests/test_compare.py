@@ -1,6 +1,8 @@
-"""`hymoe compare`: final-loss gap, plot, --max-gap exit code, and resumed runs' duplicate steps."""
+"""`hymoe compare`: final-loss gap, plot, --max-gap exit code, resumed runs' duplicate steps, and
+runs read from wandb's offline files."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,8 +32,12 @@ def test_gap_and_plot(tmp_path):
     assert len(read_metrics(fp4)) == 20
 
 
-def test_config_differences_and_real_runs(demo_data, tmp_path):
-    """Two real short runs that differ in precision: the report names precision.recipe."""
+def test_config_differences_and_real_runs_from_metrics_and_wandb(demo_data, tmp_path):
+    """Two real short runs that differ in precision, logged to metrics.jsonl and to wandb offline:
+    the report names precision.recipe, and reading the runs from their wandb files alone (a wandb
+    run folder; a run directory holding only wandb/) gives the same curves and differences."""
+    import shutil
+
     from helpers import hymoe
 
     runs = []
@@ -39,14 +45,65 @@ def test_config_differences_and_real_runs(demo_data, tmp_path):
         run = tmp_path / p
         r = hymoe("train", "tiny", f"precision={p}", "train.steps=6", "optim.warmup_steps=1",
                   "train.global_batch=2", "train.micro_batch=2", "train.seq_len=32",
-                  "logging.progress=false", "logging.wandb=disabled", "checkpoint.save_final=false",
+                  "logging.progress=false", "logging.wandb=offline", "checkpoint.save_final=false",
                   f"run.dir={run}", f"data.path={demo_data}")
         assert r.returncode == 0, r.stderr[-2000:]
-        runs.append(str(run))
-    s = compare_runs(runs, tmp_path / "cmp")
+        runs.append(run)
+    s = compare_runs([str(r) for r in runs], tmp_path / "cmp")
     assert "precision.recipe" in s["config_differences"]
     assert s["config_differences"]["precision.recipe"] == ["bf16", "nvfp4"]
     assert abs(s["runs"][1]["gap_pct"]) < 5
+
+    folder = next((runs[0] / "wandb").glob("offline-run-*"))
+    wandb_only = tmp_path / "nvfp4_wandb_only"
+    shutil.copytree(runs[1] / "wandb", wandb_only / "wandb")  # no metrics.jsonl, no config.yaml
+    for run, wandb_run in ((runs[0], folder), (runs[1], wandb_only)):
+        want, got = read_metrics(run), read_metrics(wandb_run)
+        assert [(m["step"], m["tokens"], m["loss"], m["grad_norm"]) for m in want] == \
+               [(m["step"], m["tokens"], m["loss"], m["grad_norm"]) for m in got]
+    w = compare_runs([str(folder), str(wandb_only)], tmp_path / "cmp_wandb")
+    for a, b in zip(s["runs"], w["runs"]):
+        assert (a["steps"], a["first_loss"], a["final_loss"], a["gap_pct"]) == \
+               (b["steps"], b["first_loss"], b["final_loss"], b["gap_pct"])
+    # config.yaml two folders up for the first, the config wandb logged for the second
+    assert w["config_differences"]["precision.recipe"] == ["bf16", "nvfp4"]
+    assert "(nvfp4)" in w["lines"][1]
+
+
+def test_wandb_reader_reads_records_across_blocks(tmp_path):
+    """wandb's own writer: 300 history rows (over 32 KiB blocks) and a config record larger
+    than a block (split into first/middle/last chunks) all come back."""
+    script = tmp_path / "log.py"
+    script.write_text(
+        "import wandb\n"
+        f"r = wandb.init(project='p', dir={str(tmp_path)!r}, mode='offline',"
+        " config={'note': 'x' * 100_000, 'nested': {'a': 1}})\n"
+        "for s in range(1, 301):\n"
+        "    r.log({'step': s, 'loss': 1.0 / s, 'tokens': 64 * s,"
+        " **{f'pad/{i}': float(i) for i in range(20)}}, step=s)\n"
+        "r.finish()\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from hymoe.train.wandb_reader import read_run, run_folders
+
+    (folder,) = run_folders(tmp_path)
+    assert next(folder.glob("*.wandb")).stat().st_size > 4 * 32768
+    rows, config, _ = read_run(folder)
+    assert [x["step"] for x in rows] == list(range(1, 301))
+    assert rows[-1]["loss"] == 1.0 / 300 and rows[-1]["pad/19"] == 19.0
+    assert config["note"] == "x" * 100_000 and config["nested"] == {"a": 1}
+    rows = read_metrics(tmp_path)  # a folder holding only wandb/
+    assert len(rows) == 300 and rows[9]["tokens"] == 640
+
+
+def test_missing_run_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hymoe", "compare", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "neither metrics.jsonl nor a wandb run" in lines[0], r.stderr
 
 
 def test_cli_max_gap_exit_code(tmp_path):

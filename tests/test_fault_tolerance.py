@@ -1,5 +1,6 @@
-"""Fault tolerance, end to end through `hymoe train`: SIGKILL in the middle of a save, a corrupted
-checkpoint file, missing checkpoints under each resume mode, NaN losses, and SIGTERM (preemption)."""
+"""Fault tolerance, end to end through `hymoe train`: SIGKILL in the middle of a save (synchronous
+and asynchronous), a corrupted checkpoint file, missing checkpoints under each resume mode, NaN
+losses, and SIGTERM (preemption)."""
 
 import json
 import signal
@@ -30,6 +31,26 @@ def test_sigkill_during_save_keeps_previous_checkpoint(demo_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout and "step_00000002" in r.stdout
     assert (ck / "latest").read_text() == "step_00000004"
+
+
+def test_sigkill_while_async_save_pending_keeps_previous_checkpoint(demo_data, tmp_path):
+    """checkpoint.async_save: the process dies (with the background writer) at the end of step 5
+    while the step-4 save is still pending; the step-2 checkpoint stays `latest` and resumes."""
+    run = tmp_path / "run"
+    common = [*ARGS, "train.steps=6", "checkpoint.interval=2", "checkpoint.async_save=true",
+              f"run.dir={run}", f"data.path={demo_data}"]
+    r = hymoe("train", "tiny", *common, env={"HYMOE_FAULTS": "kill_in_async_save@4"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert "step_00000004 in the background" in r.stdout
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]  # step 5 ran during the save
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000002"
+    assert (ck / "step_00000004.tmp").exists() and not (ck / "step_00000004").exists()
+    r = hymoe("train", "tiny", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "step_00000002" in r.stdout
+    assert (ck / "latest").read_text() == "step_00000006"
+    assert not (ck / "step_00000004.tmp").exists()  # the resumed run wrote step 4 anew
 
 
 @pytest.fixture(scope="module")

@@ -158,10 +158,15 @@ class Wandb(Callback):
         try:
             import wandb
 
+            from omegaconf import OmegaConf
+
             os.environ.setdefault("WANDB_SILENT", "true")
+            # The whole resolved recipe, as in config.yaml: wandb's run table and `hymoe compare`
+            # on wandb runs show which keys differ.
+            config = dict(OmegaConf.to_container(OmegaConf.structured(trainer.cfg)), **self.config)
             self.run = wandb.init(
                 project=self.project, name=self.name, dir=str(self.run_dir), mode=self.mode,
-                config=self.config, resume="allow",
+                config=config, resume="allow",
             )
         except Exception as e:  # noqa: BLE001 - logging must never stop training
             trainer.console.print(f"[yellow]wandb disabled: {e}")
@@ -177,22 +182,48 @@ class Wandb(Callback):
 
 class Checkpointer(Callback):
     """Save every ``interval`` steps, at the end, and when asked to stop by a signal (all ranks
-    take part)."""
+    take part). With ``async_save`` the interval saves are written in the background while
+    training goes on (``hymoe.train.async_save``); each step polls the pending one, and the next
+    save, a stop signal and the end of training wait for it. The final save is synchronous: the
+    run ends right after it."""
 
-    def __init__(self, interval: int, save_final: bool):
-        self.interval, self.save_final = interval, save_final
+    def __init__(self, interval: int, save_final: bool, async_save: bool = False):
+        self.interval, self.save_final, self.async_save = interval, save_final, async_save
         self.last_saved = None
+        self.saves = None
+
+    def on_train_start(self, trainer):
+        if self.async_save:
+            from hymoe.train.async_save import AsyncCheckpointQueue
+
+            self.saves = AsyncCheckpointQueue()
 
     def on_step_end(self, trainer, m):
+        if self.saves is not None:
+            self._report(trainer, self.saves.poll())
         if self.interval and m["step"] % self.interval == 0:
-            trainer.save_checkpoint()
+            if self.saves is not None:
+                self._report(trainer, self.saves.wait())  # one save in flight at a time
+            trainer.save_checkpoint(self.saves)
             self.last_saved = m["step"]
 
     def on_train_end(self, trainer):
+        if self.saves is not None:
+            if trainer.failed:
+                # Other ranks may be gone: finalizing is collective. The pending save stays a
+                # *.tmp folder and `latest` keeps naming the previous checkpoint.
+                self.saves.abort()
+            else:
+                self._report(trainer, self.saves.wait())
         wanted = self.save_final or trainer.stop_signal is not None
         # After a failure, other ranks may be gone: no collective save.
         if wanted and not trainer.failed and self.last_saved != trainer.step and trainer.step > 0:
             trainer.save_checkpoint()
+
+    @staticmethod
+    def _report(trainer, path):
+        if path is not None and trainer.is_logger:
+            trainer.console.print(f"saved checkpoint {path} (written in the background)")
 
 
 class NaNGuard(Callback):

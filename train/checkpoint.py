@@ -14,10 +14,15 @@ A checkpoint is written to ``step_XXXXXXXX.tmp`` and renamed when every rank has
 ``train.resume=auto`` would pick. ``hymoe.json`` records the size and sha256 of every file of the
 checkpoint; loading verifies them, so a corrupted or truncated file is an error naming the file, not
 a silently different model.
+
+With ``checkpoint.async_save`` the same save runs with its tensor writes in a background process
+(``hymoe.train.async_save``); the rename and ``latest`` still come only after every rank's files
+are written and checksummed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -99,12 +104,41 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_SUMS = "sha256_rank{:05d}.json"
+
+
 def _file_table(directory: Path) -> dict:
-    return {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "hymoe.json"
-    }
+    """{file: {bytes, sha256}} of every file of a checkpoint folder. The shards' entries come
+    from the ``sha256_rank*.json`` files their writers left (read, then deleted); the rest —
+    small metadata and RNG files — are hashed here."""
+    known = {}
+    for sums in directory.glob(_SUMS.replace("{:05d}", "*")):
+        known.update(json.loads(sums.read_text()))
+        sums.unlink()
+    table = {}
+    for p in sorted(directory.rglob("*")):
+        rel = str(p.relative_to(directory))
+        if p.is_file() and p.name != "hymoe.json":
+            hit = known.get(rel)
+            table[rel] = hit if hit and hit["bytes"] == p.stat().st_size else {
+                "bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return table
+
+
+def _write_and_checksum(write, sums_file: Path, rank: int, write_buckets, results_queue) -> None:
+    """megatron's shard writer (``write``, an AsyncRequest's async_fn; same arguments), then the
+    sha256 of every file it wrote, into ``sums_file`` — hashed by the writer, in the background
+    when saving asynchronously, and by every rank for its own shards instead of by rank 0 for
+    all of them."""
+    write(rank, write_buckets, results_queue)
+    table = {}
+    for bucket in write_buckets:
+        f = Path(bucket[0])  # (file name, storage key, data)
+        if f.exists():  # a failed write is reported by megatron's finalization
+            table[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    tmp = sums_file.with_suffix(".part")
+    tmp.write_text(json.dumps(table))
+    os.replace(tmp, sums_file)
 
 
 def verify(path: str | os.PathLike) -> list[str]:
@@ -146,8 +180,13 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def save(root, step: int, chunks, optimizer, scheduler, extra: dict, keep_last: int = 0,
-         keep_every: int = 0) -> Path:
-    """Save model, optimizer, scheduler and ``extra`` (JSON: step, tokens, data state, config)."""
+         keep_every: int = 0, async_queue=None) -> Path:
+    """Save model, optimizer, scheduler and ``extra`` (JSON: step, tokens, data state, config).
+
+    With ``async_queue`` (an :class:`hymoe.train.async_save.AsyncCheckpointQueue`) the tensor
+    shards are written by a background process: this returns once everything of step ``step``
+    is captured (tensors snapshotted, RNG files, metadata), and the checkpoint becomes complete —
+    verified, renamed, named by ``latest`` — when the queue finalizes it. Every rank calls this."""
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
@@ -163,22 +202,37 @@ def save(root, step: int, chunks, optimizer, scheduler, extra: dict, keep_last: 
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
         )
-    dist_checkpointing.save(state, str(tmp))
-    # Per-rank state that is not a tensor shard: RNG streams (torch's, and the stochastic-rounding
-    # stream of the quantized GEMMs, so a resumed NVFP4 run repeats the same draws).
-    rng = {"torch_rng": torch.get_rng_state()}
-    sr = getattr(_unwrap(chunks[0]), "hymoe_sr_rng", None)
-    if sr is not None:
-        rng["sr_rng"] = sr.state_dict()
-    torch.save(rng, tmp / f"rng_rank{rank:05d}.pt")
+    # common.pt, sharded objects and the write plan are done here; the tensor writes are in the
+    # returned request (megatron's AsyncRequest), .metadata and metadata.json in its finalize
+    # functions. A synchronous save runs the same request in this process (as megatron does).
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    if request.async_fn is not None:  # None: this rank has no shard to write
+        request = request._replace(async_fn=functools.partial(
+            _write_and_checksum, request.async_fn, tmp / _SUMS.format(rank)))
+    torch.save(_rng_state(chunks), tmp / f"rng_rank{rank:05d}.pt")
+    # Everything step-dependent is taken now, as a copy: the finalization may run steps later.
+    meta = dict(extra, step=step, format_version=FORMAT_VERSION, world_size=dist.get_world_size())
+    if scheduler is not None:
+        meta["scheduler"] = scheduler.state_dict()
+    meta = json.loads(json.dumps(meta, default=str))
+    request.add_finalize_fn(
+        functools.partial(_finish, root, tmp, final, meta, keep_last, keep_every))
+    if async_queue is None:
+        request.execute_sync()
+    else:
+        async_queue.schedule(request, final, step)
+    return final
+
+
+def _finish(root: Path, tmp: Path, final: Path, meta: dict, keep_last: int,
+            keep_every: int) -> None:
+    """Every rank's files are written: checksum them, write hymoe.json, rename the folder to its
+    final name, point ``latest`` at it, prune old ones. Called on every rank."""
     dist.barrier()
-    if faults.due("kill_in_save", step):
+    if faults.due("kill_in_save", meta["step"]):
         faults.kill_self()
-    if rank == 0:
-        meta = dict(extra, step=step, format_version=FORMAT_VERSION, world_size=dist.get_world_size())
-        meta["files"] = _file_table(tmp)
-        if scheduler is not None:
-            meta["scheduler"] = scheduler.state_dict()
+    if dist.get_rank() == 0:
+        meta = dict(meta, files=_file_table(tmp))
         (tmp / "hymoe.json").write_text(json.dumps(meta, indent=1, default=str))
         if final.exists():
             shutil.rmtree(final)
@@ -188,7 +242,49 @@ def save(root, step: int, chunks, optimizer, scheduler, extra: dict, keep_last: 
         os.replace(marker_tmp, root / "latest")
         _prune(root, keep_last, keep_every)
     dist.barrier()
-    return final
+
+
+def _rng_state(chunks) -> dict:
+    """This rank's random streams: Python's, numpy's, torch's CPU (and CUDA) generators,
+    megatron's model-parallel CUDA RNG tracker, and the stochastic-rounding stream of each model
+    chunk's quantized GEMMs (so a resumed NVFP4 run repeats the same draws)."""
+    import random
+
+    import numpy as np
+
+    state = {"python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+             "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+        state["rng_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    srs = [getattr(_unwrap(c), "hymoe_sr_rng", None) for c in chunks]
+    if any(sr is not None for sr in srs):
+        state["sr_rngs"] = [sr.state_dict() if sr is not None else None for sr in srs]
+    return state
+
+
+def _set_rng_state(chunks, state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch_rng"])
+    if "python_rng" in state:
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+    if torch.cuda.is_available() and "cuda_rng" in state:
+        from megatron.core import tensor_parallel
+
+        torch.cuda.set_rng_state(state["cuda_rng"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker"])
+    # "sr_rng" (chunk 0 only) is what checkpoints written before per-chunk streams hold.
+    srs = state.get("sr_rngs", [state["sr_rng"]] if "sr_rng" in state else [])
+    for chunk, sr_state in zip(chunks, srs):
+        sr = getattr(_unwrap(chunk), "hymoe_sr_rng", None)
+        if sr is not None and sr_state is not None:
+            sr.load_state_dict(sr_state)
 
 
 def _prune(root: Path, keep_last: int, keep_every: int) -> None:
@@ -248,9 +344,5 @@ def load(path, chunks, optimizer, scheduler, verify_files: bool = True) -> dict:
         scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.exists() and meta.get("world_size") == dist.get_world_size():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch_rng"])
-        sr = getattr(_unwrap(chunks[0]), "hymoe_sr_rng", None)
-        if sr is not None and "sr_rng" in rng:
-            sr.load_state_dict(rng["sr_rng"])
+        _set_rng_state(chunks, torch.load(rng_file, weights_only=False))
     return meta

@@ -1,8 +1,11 @@
 """Loss-curve comparison of runs (e.g. NVFP4 against BF16): a plot, an HTML report and a summary.
 
-Runs are aligned by consumed tokens (runs with different batch sizes compare fairly). The final loss
-of a run is the mean over its last 10% of steps (single steps are noisy); the gap is relative to the
-first run given (the baseline), in percent. The report lists the config keys in which runs differ.
+A run is a hymoe run directory (its ``metrics.jsonl``) or a Weights & Biases run read from its
+local files (``hymoe.train.wandb_reader``): a wandb run folder, or a run directory that holds only
+``wandb/`` (``logging.wandb=offline`` writes one). Runs are aligned by consumed tokens (runs with
+different batch sizes compare fairly). The final loss of a run is the mean over its last 10% of
+steps (single steps are noisy); the gap is relative to the first run given (the baseline), in
+percent. The report lists the config keys in which runs differ.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from pathlib import Path
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """One dict per optimizer step (``step``, ``loss``, ``tokens``, …), sorted by step: from
+    ``metrics.jsonl`` if the run has one, else from its wandb run files."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a hymoe run directory?)")
+        return _read_wandb_metrics(Path(run_dir))
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -22,9 +27,51 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+    return _last_per_step(rows)
+
+
+def _last_per_step(rows: list[dict]) -> list[dict]:
     # A resumed run appends; keep the last record of each step.
     by_step = {r["step"]: r for r in rows}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _read_wandb_metrics(run_dir: Path) -> list[dict]:
+    from hymoe.train.wandb_reader import read_run, run_folders
+
+    folders = run_folders(run_dir)
+    if not folders:
+        raise FileNotFoundError(
+            f"{run_dir}: neither metrics.jsonl nor a wandb run (wandb/offline-run-*/run-*.wandb); "
+            "give a hymoe run directory or a wandb run folder"
+        )
+    rows = []
+    for folder in folders:  # one per launch of a resumed run, oldest first
+        for row in read_run(folder)[0]:
+            if "loss" in row:
+                rows.append(dict(row, step=row.get("step", row.get("_step"))))
+    if not rows or "tokens" not in rows[0]:
+        raise ValueError(
+            f"{folders[-1]}: the wandb history has no `loss` and `tokens` (consumed tokens) to "
+            "align runs by; hymoe logs both every step"
+        )
+    return _last_per_step(rows)
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The resolved config of a run: its config.yaml — for a wandb run folder inside a hymoe run
+    directory, that directory's — else the config the wandb run logged."""
+    import yaml
+
+    from hymoe.train.wandb_reader import read_run, run_folders
+
+    folders = run_folders(run_dir)
+    inside_run = folders == [run_dir] and run_dir.parent.name == "wandb"
+    for d in (run_dir, run_dir.parent.parent) if inside_run else (run_dir,):
+        f = d / "config.yaml"
+        if f.is_file():
+            return yaml.safe_load(f.read_text()) or {}
+    return read_run(folders[-1])[1] if folders else {}
 
 
 def tail_mean(values: list[float], fraction: float = 0.1) -> float:
@@ -42,12 +89,10 @@ def ema(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def _label(run_dir: Path) -> str:
-    cfg = run_dir / "config.yaml"
-    if cfg.exists():
-        for line in cfg.read_text().splitlines():
-            if line.strip().startswith("recipe:") and line.startswith("  "):
-                return f"{run_dir.name} ({line.split(':', 1)[1].strip()})"
-    return run_dir.name
+    """The folder's name and the run's precision recipe (what comparisons are usually about)."""
+    precision = _run_config(run_dir).get("precision")
+    recipe = precision.get("recipe") if isinstance(precision, dict) else None
+    return f"{run_dir.name} ({recipe})" if recipe else run_dir.name
 
 
 def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
@@ -113,12 +158,7 @@ def _flatten(node, prefix=""):
 def config_differences(run_dirs: list[Path]) -> dict:
     """{key: [value per run]} for every resolved-config key whose value differs between runs
     (run.* keys, which always differ, are left out)."""
-    import yaml
-
-    flats = []
-    for d in run_dirs:
-        f = Path(d) / "config.yaml"
-        flats.append(_flatten(yaml.safe_load(f.read_text())) if f.exists() else {})
+    flats = [_flatten(_run_config(Path(d))) for d in run_dirs]
     keys = sorted(set().union(*flats))
     return {
         k: [f.get(k) for f in flats]

@@ -52,6 +52,13 @@ class TrainConfig:
     # Stop (after saving a checkpoint) once this step is done, keeping the schedule of
     # train.steps — for time-limited jobs that resume later (megatron's --exit-interval).
     exit_at_step: Optional[int] = None
+    # Activation recompute (trade compute for memory): none; selective (megatron-core's
+    # --recompute-granularity selective: the recompute_modules of attention, MLP and MoE layers);
+    # full (every layer, Mamba included, keeps only its input and recomputes the rest).
+    recompute: str = "none"
+    # With selective: any of core_attn, mlp, moe, shared_experts (megatron's names; its layernorm
+    # recompute needs Transformer Engine).
+    recompute_modules: list = field(default_factory=lambda: ["core_attn"])
 
 
 @dataclass
@@ -68,9 +75,16 @@ class CheckpointConfig:
     verify: bool = True
     # If the newest checkpoint is damaged, resume from the newest intact one instead of stopping.
     fallback: bool = False
-    # Start a fresh run from these model weights (a dist-checkpoint, e.g. `hymoe convert from-hf`
-    # output); ignored when resuming.
+    # Write interval checkpoints in the background while training continues (Megatron-LM's
+    # --async-save); the next save, a stop signal and the end of training wait for it.
+    async_save: bool = False
+    # Start a fresh run (a new stage) from these model weights: a training checkpoint (a step_*
+    # folder, a checkpoints or run folder, a folder of runs: the newest) or `hymoe convert from-hf`
+    # output; ignored when resuming. docs/long_context.md.
     init_weights: Optional[str] = None
+    # With init_weights: also take the checkpoint's optimizer state (Adam moments). The LR
+    # schedule, step count and data position always start fresh.
+    init_optimizer: bool = False
 
 
 @dataclass
@@ -94,6 +108,11 @@ class HymoeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# megatron-core's selective recompute modules that hymoe's layers have (its layernorm recompute
+# needs Transformer Engine, moe_act grouped GEMM, mla_up_proj multi-latent attention).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts")
 
 
 def model_dims(model: ModelConfig, seq_len: int = 0) -> ModelDims:
@@ -144,6 +163,11 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
         )
     if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.steps:
         fail("exit_at_step", f"must be in 1..train.steps={t.steps}, got {t.exit_at_step}")
+    if t.recompute not in ("none", "selective", "full"):
+        fail("recompute", f"must be none, selective or full, got {t.recompute!r}")
+    bad = set(t.recompute_modules) - set(RECOMPUTE_MODULES)
+    if t.recompute == "selective" and (bad or not t.recompute_modules):
+        fail("recompute_modules", f"{sorted(bad) or 'empty'}: choose from {', '.join(RECOMPUTE_MODULES)}")
     if t.resume not in ("auto", "required", "never"):
         fail("resume", f"must be auto, required or never, got {t.resume!r}")
     if t.seq_len > cfg.model.max_sequence_length:

@@ -2,7 +2,9 @@
 
 Set ``HYMOE_FAULTS`` to a comma-separated list of ``KIND@STEP``:
 ``nan_loss@5`` (the loss of step 5 becomes NaN on every rank), ``kill_in_save@4`` (the process
-SIGKILLs itself in the middle of writing the step-4 checkpoint: shards written, not yet renamed).
+SIGKILLs itself in the middle of writing the step-4 checkpoint: shards written, not yet renamed),
+``kill_in_async_save@4`` (with ``checkpoint.async_save``: the process SIGKILLs itself, and the
+background writer, at the end of a later step while the step-4 save is still pending).
 Unset in normal runs; reading it costs one dict lookup per step.
 """
 

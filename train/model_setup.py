@@ -25,9 +25,15 @@ def build_model_chunks(
     vocab_size: int,
     dtype: torch.dtype = torch.float32,
     transform=None,
+    recompute: str = "none",
+    recompute_modules=("core_attn",),
 ):
     """Returns ([DDP-wrapped model], TransformerConfig). ``transform(model, config)`` runs before
-    wrapping (the precision layer swaps linear layers there)."""
+    wrapping (the precision layer swaps linear layers there). ``recompute``: none, selective
+    (megatron-core's, ``recompute_modules``) or full (hymoe's, every layer: ``HybridStack``)."""
+    selective = {}
+    if recompute == "selective":
+        selective = dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
     config = build_transformer_config(
         model_cfg,
         tensor_model_parallel_size=layout.tp,
@@ -41,7 +47,11 @@ def build_model_chunks(
         bf16=dtype == torch.bfloat16,
         moe_token_dispatcher_type=layout.moe_dispatcher,
         calculate_per_token_loss=True,
+        **selective,
     )
+    # megatron-core's full recompute is not in its Mamba stack (it ignores the setting); hymoe's
+    # HybridStack reads this instead.
+    config.hymoe_recompute_full = recompute == "full"
     # megatron-core sizes its process-wide MoE aux-loss tracker for the first model it sees.
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 

@@ -59,6 +59,20 @@ def ensure_data(cfg: HymoeConfig, console) -> Path:
     return path
 
 
+def _forked_writer_results_queue() -> None:
+    """Give megatron-core's checkpoint writer its results queue from a *forked* manager process.
+
+    megatron-core makes it lazily with a spawned one, and a spawned process starts with no signal
+    blocked: Slurm's SIGTERM kills it and the next save fails (BrokenPipeError). A forked one
+    inherits the caller's mask (``save_checkpoint`` blocks TERM/USR1 around this)."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+
+
 class Trainer:
     def __init__(self, cfg: HymoeConfig):
         from rich.console import Console
@@ -136,6 +150,7 @@ class Trainer:
         self.telemetry = Telemetry.from_config(cfg.precision)
         self.chunks, self.tconfig = build_model_chunks(
             cfg.model, cfg.parallel, self.vocab_size, self.dtype,
+            recompute=cfg.train.recompute, recompute_modules=cfg.train.recompute_modules,
             transform=lambda m, c: self.precision_report.extend(
                 apply_precision(m, cfg.precision, self.dtype, seed=cfg.train.seed,
                                 telemetry=self.telemetry)
@@ -173,17 +188,18 @@ class Trainer:
             Wandb(cfg.logging.wandb, cfg.logging.wandb_project, self.run_dir, cfg.run.name,
                   {"recipe": cfg.recipe}),
             NaNGuard(cfg.train.nan_patience),
-            Checkpointer(cfg.checkpoint.interval, cfg.checkpoint.save_final),
+            Checkpointer(cfg.checkpoint.interval, cfg.checkpoint.save_final, cfg.checkpoint.async_save),
         ]
 
     def _resume(self):
         mode, cc = self.cfg.train.resume, self.cfg.checkpoint
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         if latest is None and cc.init_weights and mode != "required":
-            # A fresh run from given weights (e.g. `hymoe convert from-hf` output).
-            ckpt.load_model_weights(self.chunks, cc.init_weights)
-            if self.is_logger:
-                self.console.print(f"initialised the model weights from {cc.init_weights}")
+            # A new stage from another run's checkpoint (e.g. long context after pretraining) or
+            # from `hymoe convert from-hf` output; prints what it loads and what the stage changes.
+            from hymoe.train.stage import start_from_checkpoint
+
+            start_from_checkpoint(self)
             return
         if latest is None:
             if mode == "required":
@@ -224,19 +240,31 @@ class Trainer:
             self.console.print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
 
     # -- checkpoint ----------------------------------------------------------------------------
-    def save_checkpoint(self):
+    def save_checkpoint(self, async_queue=None):
+        """Save on every rank; with ``async_queue`` the shards are written in the background."""
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, (self.dp_rank, self.data.state_dict()))
         data_state = {str(r): s for r, s in states}
-        path = ckpt.save(
-            self.ckpt_dir, self.step, self.chunks, self.optimizer, self.scheduler,
-            {"tokens": self.tokens, "pattern": self.cfg.model.pattern, "dp_size": self.dp_size,
-             "model": dataclasses.asdict(self.cfg.model), "vocab_size": self.vocab_size,
-             "data_state": data_state, "recipe": self.cfg.recipe},
-            keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
-        )
+        # Slurm signals every process of a job step, including the helper processes that
+        # megatron-core's checkpointing starts at the first save and keeps: killed mid-save they
+        # break the save on stop. With TERM/USR1 blocked here, processes forked now inherit the
+        # block, and this one receives a signal that came during the save right after it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+        try:
+            _forked_writer_results_queue()
+            path = ckpt.save(
+                self.ckpt_dir, self.step, self.chunks, self.optimizer, self.scheduler,
+                {"tokens": self.tokens, "pattern": self.cfg.model.pattern, "dp_size": self.dp_size,
+                 "model": dataclasses.asdict(self.cfg.model), "vocab_size": self.vocab_size,
+                 "data_state": data_state, "recipe": self.cfg.recipe},
+                keep_last=self.cfg.checkpoint.keep_last, keep_every=self.cfg.checkpoint.keep_every,
+                async_queue=async_queue,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if self.is_logger:
-            self.console.print(f"saved checkpoint {path}")
+            self.console.print(f"writing checkpoint {path} in the background" if async_queue
+                               else f"saved checkpoint {path}")
 
     # -- loop ----------------------------------------------------------------------------------
     def _write_telemetry(self, rows: list[dict]) -> None:

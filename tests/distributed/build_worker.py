@@ -20,7 +20,9 @@ def main():
     out = {}
     init_distributed()
     for recipe in list_recipes():
-        cfg = load_recipe(recipe, ["precision=nvfp4", "data.path=unused"])
+        # One process: the recipe's own layout (long-context recipes: cp8·tp8·pp4) is a cluster's;
+        # parameter counts and the precision plan do not depend on it.
+        cfg = load_recipe(recipe, ["precision=nvfp4", "data.path=unused", "parallel=single"])
         validate(cfg, 1)
         initialize_model_parallel(cfg.parallel, seed=1)
         from hymoe.model.build import build_model, build_transformer_config
