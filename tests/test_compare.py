@@ -113,3 +113,26 @@ def test_cli_max_gap_exit_code(tmp_path):
     assert subprocess.run(cmd + ["--max-gap", "15"], capture_output=True).returncode == 0
     r = subprocess.run(cmd + ["--max-gap", "5"], capture_output=True, text=True)
     assert r.returncode == 1 and "exceeds --max-gap" in r.stderr
+
+
+def test_plot_has_labelled_axes_legend_and_gap_panel(tmp_path, monkeypatch):
+    """What loss_curves.png shows, read from the figure compare_runs saves: the curves panel with a
+    legend naming each run, and the gap panel below it (a zero line plus one curve per run) whose
+    last point is the gap of the second run."""
+    import matplotlib.figure
+
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (saved.append(fig), real(fig, *a, **k))[1])
+    base = _run(tmp_path, "bf16", [5.0] * 20)
+    fp4 = _run(tmp_path, "nvfp4", [5.05] * 20)
+    compare_runs([str(base), str(fp4)], tmp_path / "out")
+    (fig,) = saved
+    curves, gap = fig.axes
+    assert curves.get_ylabel() == "training loss" and gap.get_xlabel() == "tokens consumed"
+    assert "gap" in gap.get_ylabel()
+    assert [t.get_text() for t in curves.get_legend().get_texts()] == ["bf16", "nvfp4"]
+    assert len(curves.get_lines()) == 4  # EMA and raw per run
+    lines = [ln for ln in gap.get_lines() if len(ln.get_xdata()) > 2]
+    assert len(lines) == 2 and abs(lines[1].get_ydata()[-1] - 1.0) < 1e-6

@@ -1,9 +1,10 @@
 """Everything around the step is a callback: metrics file, console progress, wandb, checkpoints,
-the NaN guard. Each gets ``on_train_start``, ``on_step_end`` and ``on_train_end``; only rank 0
+the NaN guard, garbage collection and the profiler. Each gets ``on_train_start``, ``on_step_end`` and ``on_train_end``; only rank 0
 writes files and the console (checkpointing involves every rank)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -251,3 +252,67 @@ class NaNGuard(Callback):
                 f"first batch at data position {self.bad[0].get('data_position')}); lower optim.lr, "
                 "check the data at that position, or raise train.nan_patience"
             )
+
+
+class GarbageCollection(Callback):
+    """Python's cyclic garbage collector off, and run on every rank every ``interval`` steps
+    (Megatron-LM's --manual-gc): left automatic it starts at a different moment on each rank, and
+    the others wait for the slowest at the next collective."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def on_train_start(self, trainer):
+        if self.interval:
+            gc.disable()
+            gc.collect()
+
+    def on_step_end(self, trainer, m):
+        if self.interval and m["step"] % self.interval == 0:
+            gc.collect()
+
+    def on_train_end(self, trainer):
+        if self.interval:
+            gc.enable()
+
+
+class Profiler(Callback):
+    """torch.profiler over optimizer steps ``start..end`` (inclusive, as metrics.jsonl counts them)
+    on every rank: ``<run.dir>/profile/trace_rank{r}.json`` (open in chrome://tracing or Perfetto)
+    and ``ops_rank{r}.txt``, the operators by total time."""
+
+    def __init__(self, steps: list, run_dir: Path):
+        self.start, self.end = (int(steps[0]), int(steps[1])) if steps else (0, -1)
+        self.dir = Path(run_dir) / "profile"
+        self.prof = None
+
+    def _begin(self):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
+        self.prof.__enter__()
+
+    def on_train_start(self, trainer):
+        if self.start and trainer.step + 1 == self.start:
+            self._begin()
+
+    def on_step_end(self, trainer, m):
+        if self.prof is None and m["step"] + 1 == self.start:
+            self._begin()
+        elif self.prof is not None and m["step"] >= self.end:
+            self._finish()
+
+    def on_train_end(self, trainer):
+        self._finish()
+
+    def _finish(self):
+        if self.prof is None:
+            return
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.dir / f"trace_rank{rank}.json"))
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (self.dir / f"ops_rank{rank}.txt").write_text(table + "\n")

@@ -310,6 +310,29 @@ def _init_distributed_optimizer_state(optimizer) -> None:
             opt.init_state_fn(opt.optimizer, opt.config)
 
 
+# Scheduler state → the recipe keys that set it (hymoe.train.optim.build_scheduler).
+_SCHEDULE_FIELDS = {
+    "max_lr": "optim.lr", "min_lr": "optim.min_lr", "lr_warmup_steps": "optim.warmup_steps",
+    "lr_decay_steps": "train.steps / optim.schedule", "lr_decay_style": "optim.schedule",
+    "start_wd": "optim.weight_decay", "end_wd": "optim.weight_decay",
+}
+
+
+def _check_schedule(recipe: dict, saved: dict, path: Path) -> None:
+    """Refuse to resume on a schedule other than the checkpoint's without saying so: megatron
+    would silently keep the checkpoint's (its default) and the recipe's change would be lost."""
+    diffs = [f"{_SCHEDULE_FIELDS[k]} ({k} {saved[k]} → {recipe[k]})" for k in _SCHEDULE_FIELDS
+             if k in saved and saved[k] != recipe.get(k)]
+    if diffs:
+        from hymoe.train.config import ConfigError  # a recipe problem, not a damaged checkpoint
+
+        raise ConfigError(
+            f"{path.name}: the recipe's LR schedule differs from the checkpoint's: "
+            + "; ".join(diffs) + ". Restore those values to resume as it was, or set "
+            "optim.override_schedule=true to continue from its step on the recipe's schedule"
+        )
+
+
 def load(path, chunks, optimizer, scheduler, verify_files: bool = True) -> dict:
     """Load everything saved by :func:`save` into the given (already built) objects; return meta.
     With ``verify_files`` every file is checked against the checksums first (rank 0 reads them
@@ -328,6 +351,9 @@ def load(path, chunks, optimizer, scheduler, verify_files: bool = True) -> dict:
                 "the previous one, or remove it"
             )
     meta = json.loads(meta_file.read_text())
+    override = scheduler is not None and scheduler.override_opt_param_scheduler
+    if scheduler is not None and "scheduler" in meta and not override:
+        _check_schedule(scheduler.state_dict(), meta["scheduler"], path)
     model_sd = _model_sharded_state_dict(chunks)
     state = {"model": model_sd}
     if optimizer is not None:
@@ -339,9 +365,18 @@ def load(path, chunks, optimizer, scheduler, verify_files: bool = True) -> dict:
         loaded = dist_checkpointing.load(state, str(path))
     _load_model_state(chunks, loaded["model"])
     if optimizer is not None:
+        # megatron's param groups carry the schedule's hyperparameters (max_lr, min_lr, weight
+        # decay) and loading replaces them with the checkpoint's: with an overridden schedule,
+        # the recipe's stay, and only the state (moments, step counts) is the checkpoint's.
+        recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
+        if override:
+            for g, mine in zip(optimizer.param_groups, recipe_groups, strict=True):
+                g.update(mine)
     if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(meta["scheduler"])
+        scheduler.load_state_dict(meta["scheduler"])  # with override: the step count only
+        if override:
+            scheduler.step(increment=0)  # the recipe's LR at that step, into the param groups
     rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
     if rng_file.exists() and meta.get("world_size") == dist.get_world_size():
         _set_rng_state(chunks, torch.load(rng_file, weights_only=False))

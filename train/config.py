@@ -59,6 +59,9 @@ class TrainConfig:
     # With selective: any of core_attn, mlp, moe, shared_experts (megatron's names; its layernorm
     # recompute needs Transformer Engine).
     recompute_modules: list = field(default_factory=lambda: ["core_attn"])
+    # Collect Python garbage on every rank every N steps, with automatic collection off (Megatron-LM's
+    # --manual-gc: ranks stall together, not one at a time); 0: Python's automatic collector.
+    gc_interval: int = 0
 
 
 @dataclass
@@ -94,6 +97,9 @@ class LoggingConfig:
     wandb_project: str = "hymoe"
     # Rich progress bar on the console.
     progress: bool = True
+    # [start, end]: profile optimizer steps start..end with torch.profiler on every rank (chrome
+    # trace and operator table in <run.dir>/profile/); empty: off.
+    profile_steps: list = field(default_factory=list)
 
 
 @dataclass
@@ -179,6 +185,11 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
     for name in ("interval", "keep_last", "keep_every"):
         if getattr(cfg.checkpoint, name) < 0:
             raise ConfigError(f"checkpoint.{name}: must be ≥ 0, got {getattr(cfg.checkpoint, name)}")
+    if t.gc_interval < 0:
+        fail("gc_interval", f"must be ≥ 0, got {t.gc_interval}")
+    ps = cfg.logging.profile_steps
+    if ps and not (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 1 <= ps[0] <= ps[1]):
+        raise ConfigError(f"logging.profile_steps: must be [start, end] with 1 ≤ start ≤ end, got {list(ps)}")
     if t.nan_patience < 1:
         fail("nan_patience", f"must be ≥ 1, got {t.nan_patience}")
     return dp

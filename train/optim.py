@@ -29,6 +29,10 @@ class OptimConfig:
     # WSD: fraction of the steps spent decaying, and the decay shape.
     decay_fraction: float = 0.2
     decay_style: str = "minus_sqrt"
+    # On resume, a schedule that differs from the checkpoint's (lr, min_lr, warmup, steps, …) stops
+    # with the differences; true continues from the checkpoint's step on this recipe's schedule
+    # (Megatron-LM's --override-opt_param-scheduler).
+    override_schedule: bool = False
 
     def validate(self, steps: int) -> None:
         def fail(field, msg):
@@ -81,4 +85,6 @@ def build_scheduler(cfg: OptimConfig, optimizer, steps: int) -> OptimizerParamSc
         wd_incr_style="constant",
         wsd_decay_steps=max(1, int(round(cfg.decay_fraction * steps))) if style == "WSD" else None,
         lr_wsd_decay_style=cfg.decay_style if style == "WSD" else None,
+        override_opt_param_scheduler=cfg.override_schedule,
+        use_checkpoint_opt_param_scheduler=not cfg.override_schedule,
     )

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from hymoe.train import checkpoint as ckpt
 from hymoe.train.callbacks import (
-    Checkpointer, ConsoleProgress, ExpertLoad, MetricsFile, NaNGuard, Wandb,
+    Checkpointer, ConsoleProgress, ExpertLoad, GarbageCollection, MetricsFile, NaNGuard, Profiler, Wandb,
 )
 from hymoe.train.config import ConfigError, HymoeConfig, validate
 from hymoe.train.mfu import throughput_metrics
@@ -189,6 +189,8 @@ class Trainer:
                   {"recipe": cfg.recipe}),
             NaNGuard(cfg.train.nan_patience),
             Checkpointer(cfg.checkpoint.interval, cfg.checkpoint.save_final, cfg.checkpoint.async_save),
+            GarbageCollection(cfg.train.gc_interval),
+            Profiler(cfg.logging.profile_steps, self.run_dir),
         ]
 
     def _resume(self):
