@@ -150,14 +150,14 @@ def stage_params(cfg: ModelConfig, layout: ParallelConfig, stage: list[tuple[int
         out.dense += embedding if (cfg.untie_embeddings_and_output_weights or layout.pp > 1) else 0
         out.dense += h  # final norm
         if cfg.mtp_depths:
-            # MTP: its layers (one shared by all depths, or one per depth), eh_proj 2h → h and
-            # three norms per depth.
+            # MTP: its layers (one shared by all depths, or one per depth), each with its eh_proj
+            # 2h → h and three norms.
             copies = 1 if cfg.mtp_shared_layer else len(cfg.mtp_depths)
             for s in cfg.mtp_depths[0]:
                 split = table["split"][s]
                 out.dense += copies * (split["tp"] / tp + split["replicated"])
                 out.expert += copies * split["expert"] / (ep * etp)
-            out.dense += len(cfg.mtp_depths) * (2 * h * h / tp + 3 * h)
+            out.dense += copies * (2 * h * h / tp + 3 * h)
     return out
 
 

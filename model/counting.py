@@ -44,10 +44,25 @@ def count_params(cfg: ModelConfig, vocab_size: int, active: bool = False) -> dic
     emb = vocab_size * cfg.hidden_size
     out = emb if cfg.untie_embeddings_and_output_weights else 0
     layers = sum(by_type.values())
+    mtp = sum(mtp_layer_params(cfg, depth, active) for depth in _mtp_layers(cfg))
     return {
         "embedding": emb, "output": out, "final_norm": cfg.hidden_size, "layers": layers,
-        "by_type": by_type, "total": emb + out + cfg.hidden_size + layers,
+        "by_type": by_type, "mtp": mtp, "total": emb + out + cfg.hidden_size + layers + mtp,
     }
+
+
+def _mtp_layers(cfg: ModelConfig) -> list[str]:
+    """The MTP layers built: one per depth, or one shared by all (``mtp_shared_layer``)."""
+    depths = cfg.mtp_depths
+    return depths[:1] if cfg.mtp_shared_layer else list(depths)
+
+
+def mtp_layer_params(cfg: ModelConfig, depth: str, active: bool = False) -> int:
+    """One MTP layer (megatron-core's): norms of the embedding and of the hidden state, the 2h → h
+    ``eh_proj``, one attention + MoE/MLP transformer layer, and its final norm. Published totals
+    (Super's "120.6B") leave it out: ``total - mtp``."""
+    h = cfg.hidden_size
+    return 3 * h + 2 * h * h + sum(layer_params(cfg, s, active) for s in depth)
 
 
 def linear_layer_names(cfg: ModelConfig) -> list[str]:
@@ -67,4 +82,16 @@ def linear_layer_names(cfg: ModelConfig) -> list[str]:
                           p + f"mlp.experts.local_experts.{e}.linear_fc2"]
             if cfg.moe_shared_expert_intermediate_size:
                 names += [p + "mlp.shared_experts.linear_fc1", p + "mlp.shared_experts.linear_fc2"]
+    for k, depth in enumerate(_mtp_layers(cfg)):
+        p = f"mtp.layers.{k}."
+        names += [p + "eh_proj", p + "transformer_layer.self_attention.linear_qkv",
+                  p + "transformer_layer.self_attention.linear_proj"]
+        names += [n.replace("decoder.layers.0.", p + "transformer_layer.")
+                  for n in linear_layer_names(_one_layer(cfg, depth[1])) if n.startswith("decoder.")]
     return names + ["output_layer"]
+
+
+def _one_layer(cfg: ModelConfig, symbol: str) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(cfg, pattern=symbol)

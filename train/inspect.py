@@ -37,6 +37,7 @@ def model_info(recipe: str, overrides: list[str], as_json: bool = False) -> str:
         "vocab_size": vocab, "hidden_size": cfg.model.hidden_size,
         "params_total": total["total"], "params_active": active["total"],
         "params_active_without_input_embedding": active["total"] - total["embedding"],
+        "params_mtp": total["mtp"], "params_active_mtp": active["mtp"],
         "params_embedding": total["embedding"], "params_output": total["output"],
         "params_by_layer_type": {NAMES[s]: n for s, n in total["by_type"].items()},
     }
@@ -45,7 +46,9 @@ def model_info(recipe: str, overrides: list[str], as_json: bool = False) -> str:
     lines = [
         f"{recipe}: {cfg.model.pattern}",
         "  layers: " + ", ".join(f"{n} {k}" for k, n in info["layers"].items() if n),
-        f"  parameters: {info['params_total'] / 1e6:,.2f}M total, {info['params_active'] / 1e6:,.2f}M active per token",
+        f"  parameters: {info['params_total'] / 1e6:,.2f}M total, {info['params_active'] / 1e6:,.2f}M active per token"
+        + (f" (MTP layer: {info['params_mtp'] / 1e6:,.2f}M, {info['params_active_mtp'] / 1e6:,.2f}M active)"
+           if info["params_mtp"] else ""),
     ]
     for k, n in info["params_by_layer_type"].items():
         lines.append(f"    {k:10s} {n / 1e6:>12,.2f}M")
