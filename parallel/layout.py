@@ -28,6 +28,9 @@ class ModelDims:
     mamba_groups: int = 0
     num_experts: int = 0
     seq_len: int = 0  # training sequence length (context parallelism splits it in 2·cp chunks)
+    ffn_hidden: int = 0  # dense MLP width ("-" layers), 0 if none
+    moe_ffn_hidden: int = 0  # each routed expert's width
+    shared_expert_hidden: int = 0  # the shared expert's width, 0 if none
 
 
 @dataclass
@@ -134,9 +137,18 @@ class ParallelConfig:
                     f"cp={self.cp} and the Mamba groups per TP rank, model.mamba_num_groups/tp = "
                     f"{d.mamba_groups}/{tp} = {groups}: one must divide the other",
                 )
+        # MLP widths are split over TP (experts over expert TP), whole columns per rank.
+        if d.ffn_hidden and d.ffn_hidden % tp:
+            fail("tp", f"tp={tp} does not divide model.ffn_hidden_size={d.ffn_hidden} (dense MLP layers)")
         if d.num_experts:
             if d.num_experts % self.ep:
                 fail("ep", f"ep={self.ep} does not divide model.num_experts={d.num_experts}")
+            if d.moe_ffn_hidden and d.moe_ffn_hidden % self.expert_tp:
+                fail("etp", f"expert tensor parallel size {self.expert_tp} does not divide "
+                            f"model.moe_ffn_hidden_size={d.moe_ffn_hidden}")
+            if d.shared_expert_hidden and d.shared_expert_hidden % tp:
+                fail("tp", f"tp={tp} does not divide model.moe_shared_expert_intermediate_size="
+                           f"{d.shared_expert_hidden}")
             if tp > 1 and self.sequence_parallel is False:
                 fail(
                     "sequence_parallel",

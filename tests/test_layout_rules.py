@@ -99,3 +99,21 @@ def test_fewer_kv_groups_than_tp_ranks_trains_like_dp(tmp_path):
     for a, b in zip(runs["dp2"], runs["tp2"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("layout, d, field, text", [
+    (ParallelConfig(tp=4), dims(ffn_hidden=130), "parallel.tp:", "model.ffn_hidden_size=130"),
+    (ParallelConfig(tp=2, etp=2), dims(num_experts=4, moe_ffn_hidden=63), "parallel.etp:",
+     "model.moe_ffn_hidden_size=63"),
+    (ParallelConfig(tp=4), dims(num_experts=4, moe_ffn_hidden=64, shared_expert_hidden=66),
+     "parallel.tp:", "model.moe_shared_expert_intermediate_size=66"),
+])
+def test_mlp_widths_split_over_their_tensor_parallel_ranks(layout, d, field, text):
+    msg = refused(layout, layout.tp, d)
+    assert msg.startswith(field) and text in msg, msg
+
+
+def test_mlp_width_rules_come_from_the_recipe():
+    d = model_dims(load_recipe("tiny", ["model.ffn_hidden_size=129"]).model)
+    assert (d.ffn_hidden, d.moe_ffn_hidden, d.shared_expert_hidden) == (129, 64, 64)
+    assert "ffn_hidden_size=129" in refused(ParallelConfig(tp=2), 2, d)

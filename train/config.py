@@ -122,7 +122,7 @@ RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts")
 
 
 def model_dims(model: ModelConfig, seq_len: int = 0) -> ModelDims:
-    from hymoe.model.pattern import ATTENTION, MAMBA, MOE, parse
+    from hymoe.model.pattern import ATTENTION, MAMBA, MLP, MOE, parse
 
     p = parse(model.pattern)
     return ModelDims(
@@ -134,6 +134,9 @@ def model_dims(model: ModelConfig, seq_len: int = 0) -> ModelDims:
         mamba_groups=model.mamba_num_groups if p.count(MAMBA) else 0,
         num_experts=model.num_experts if p.count(MOE) else 0,
         seq_len=seq_len,
+        ffn_hidden=model.ffn_hidden_size if p.count(MLP) else 0,
+        moe_ffn_hidden=model.moe_ffn_hidden_size if p.count(MOE) else 0,
+        shared_expert_hidden=(model.moe_shared_expert_intermediate_size or 0) if p.count(MOE) else 0,
     )
 
 
