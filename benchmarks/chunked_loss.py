@@ -17,18 +17,8 @@ import json
 import time
 
 import torch
-
-
-def peak_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+# Run as `python benchmarks/chunked_loss.py`: its folder is on sys.path.
+from long_context_scaling import peak_bytes  # torch profiler's peak allocator bytes of one pass
 
 
 def main():
