@@ -25,6 +25,7 @@ attention must not cross segment boundaries and Mamba must reset its state at ea
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -146,10 +147,9 @@ class PackedStream:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._live is not None:
-            rows = []
-            for j in range(self._j, self._j + self.micro_batch):
-                v = self._sched.stream(j)
-                rows.append(self._live[v].next_row(self.seq_len, self._sched.tokens_before(j)))
+            before = self._sched.tokens_before(self._j)  # the same for the micro-batch's rows
+            rows = [self._live[v].next_row(self.seq_len, before)
+                    for v in self._sched.batch_streams(self._j)]
         else:
             if self._pool is None:
                 self._start_workers()
@@ -171,28 +171,34 @@ class PackedStream:
         self._sched = RowSchedule(*spec["schedule"])
         self._j = 0
 
-    def _assemble(self, rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+    def _assemble(self, rows: list[tuple[np.ndarray, int, list[int]]]) -> dict[str, torch.Tensor]:
         B, S = self.micro_batch, self.seq_len
-        x = np.empty((B, S + 1), dtype=rows[0][0].dtype)
-        for i, (row, _) in enumerate(rows):
-            x[i] = row
-        tokens = x[:, :-1].astype(np.int64)  # one pass each from the narrow stored dtype
-        labels = x[:, 1:].astype(np.int64)
-        # Segment starts: each row's first token, the token after each EOD, every context_len-th.
-        starts = np.empty((B, S), dtype=bool)
-        starts[:, 0] = True
-        np.equal(x[:, : S - 1], self.eod, out=starts[:, 1:])
-        for i, (_, d) in enumerate(rows):
+        tokens = np.empty((B, S), dtype=np.int64)
+        labels = np.empty((B, S), dtype=np.int64)
+        seq_idx = np.zeros((B, S), dtype=np.int32)  # rows of one segment need nothing more
+        cu: list[int] = []
+        longest = 0
+        for i, (row, d, starts) in enumerate(rows):
+            tokens[i] = row[:-1]  # widened from the stored dtype in the copy
+            labels[i] = row[1:]
+            # Segment starts: the row's first token, each token after an EOD (the packer knows
+            # where it put them), every context_len-th token of a dataset with contexts.
             c = self._context[d]
             if c is not None and c < S:
-                starts[i, c::c] = True
-        seq_idx = np.empty((B, S), dtype=np.int32)
-        seq_idx[:, 0] = 0
-        np.cumsum(starts[:, 1:], axis=1, dtype=np.int32, out=seq_idx[:, 1:])
-        cu = np.empty(int(starts.sum()) + 1, dtype=np.int32)
-        cu[:-1] = np.flatnonzero(starts)
-        cu[-1] = B * S
-        max_seqlen = int((cu[1:] - cu[:-1]).max())
+                starts = sorted(set(starts).union(range(c, S, c)))
+            cu.append(i * S)
+            if not starts:
+                longest = S  # as long as a segment can be
+                continue
+            bounds = [0, *starts, S]
+            longest = max(longest, *(b - a for a, b in itertools.pairwise(bounds)))
+            if len(starts) < 8:  # a few slice fills beat building the index array
+                for k in range(1, len(bounds) - 1):
+                    seq_idx[i, bounds[k] : bounds[k + 1]] = k
+            else:
+                seq_idx[i] = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(bounds))
+            cu.extend(i * S + b for b in starts)
+        cu.append(B * S)
         loss_mask = torch.ones(B, S, dtype=torch.float32)
         if self.eod_mask_loss:
             loss_mask[torch.from_numpy(tokens == self.eod)] = 0.0
@@ -201,8 +207,8 @@ class PackedStream:
             "labels": torch.from_numpy(labels),
             "loss_mask": loss_mask,
             "seq_idx": torch.from_numpy(seq_idx),
-            "cu_seqlens": torch.from_numpy(cu),
-            "max_seqlen": torch.tensor(max_seqlen, dtype=torch.int32),
+            "cu_seqlens": torch.from_numpy(np.array(cu, dtype=np.int32)),
+            "max_seqlen": torch.from_numpy(np.array(longest, dtype=np.int32)),
         }
 
     # -- state ---------------------------------------------------------------------------------

@@ -16,20 +16,31 @@ second.
 
 from __future__ import annotations
 
+import bisect
 import logging
 
 import numpy as np
 from hymoe.data.blend import Blend, choose
 from hymoe.data.errors import DataError
 from hymoe.data.order import Dataset
-from hymoe.data.reader import CorruptShard, OpenShard, ShardCache
+from hymoe.data.reader import CorruptShard, ShardCache
 
 log = logging.getLogger("hymoe.data")
 _warned: set[str] = set()
 
 
+_FILL_TOKENS = 32_768  # tokens packed ahead per refill (or one row, if rows are longer)
+
+
 class SubStream:
-    """Dataset `ds` as read by stream `stream` of `n_streams`: windows of packed documents."""
+    """Dataset `ds` as read by stream `stream` of `n_streams`: windows of packed documents.
+
+    Documents are packed ahead into a buffer of as many whole rows as fit in `_FILL_TOKENS`
+    tokens (one row, if rows are longer), so a row is a slice of it, not a loop over documents: short rows cost a few Python
+    operations each. The buffer remembers where each document and each EOD lies in it: that gives
+    a row's segment starts without scanning its tokens, and `state_dict` the exact position
+    (epoch, document, offset) of the first token not yet handed out.
+    """
 
     def __init__(self, ds: Dataset, stream: int, n_streams: int, seed: int, cache: ShardCache,
                  on_corrupt: str):
@@ -43,17 +54,35 @@ class SubStream:
                               "skipped_shards": 0, "skipped_documents": 0})
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset, "carry": self.carry,
-                "skipped_shards": self.skipped_shards, "skipped_documents": self.skipped_docs}
+        """The position of the first token not yet in a row, and the carried token."""
+        carry = int(self._buf[self._c - 1]) if self._has_carry else None
+        if self._c == len(self._buf):  # all packed tokens handed out: the packer's position
+            at = (self.epoch, self.pos, self.offset, self.skipped_shards, self.skipped_docs)
+        else:
+            start, *mark = self._marks[bisect.bisect_right(self._mark_starts, self._c) - 1]
+            at = (mark[0], mark[1], self._c - start, mark[2], mark[3])
+        return {"epoch": at[0], "pos": at[1], "offset": at[2], "carry": carry,
+                "skipped_shards": at[3], "skipped_documents": at[4]}
 
     def load_state_dict(self, s: dict) -> None:
         if not 0 <= s["pos"] < self.b - self.a:
             raise DataError(f"loader state: position {s['pos']} is outside stream "
                             f"{self.stream}'s {self.b - self.a} documents of '{self.ds.name}'")
-        self.epoch, self.pos, self.offset, self.carry = s["epoch"], s["pos"], s["offset"], s["carry"]
+        # The packer's position: the next token that goes into the buffer.
+        self.epoch, self.pos, self.offset = s["epoch"], s["pos"], s["offset"]
         self.skipped_shards, self.skipped_docs = s["skipped_shards"], s["skipped_documents"]
-        self._cur: tuple[int, int, np.ndarray, OpenShard] | None = None  # lo, hi, doc order, shard
+        # The shard being read: (first, end position, document starts, lengths, its tokens).
+        self._cur: tuple[int, int, list[int], list[int], np.ndarray] | None = None
         self._skip_run = 0  # documents skipped since the last token produced
+        carry = s["carry"]
+        self._has_carry = carry is not None
+        self._buf = np.array([] if carry is None else [carry], dtype=self.ds.np_dtype)
+        self._c = len(self._buf)  # buffer index of the first token not yet in a row
+        self._eods = [0] if carry == self.ds.eod else []  # buffer indices of EOD tokens
+        # Per document (part) in the buffer: (index of its offset 0, epoch, pos, skipped shards,
+        # skipped documents), in buffer order; `_mark_starts` holds the first field, for bisect.
+        self._marks: list[tuple[int, int, int, int, int]] = []
+        self._mark_starts: list[int] = []
 
     def _next_doc(self) -> None:
         self.pos += 1
@@ -65,7 +94,8 @@ class SubStream:
 
     def _doc(self) -> np.ndarray:
         g = self.a + self.pos
-        while self._cur is None or not self._cur[0] <= g < self._cur[1]:
+        cur = self._cur
+        while cur is None or not cur[0] <= g < cur[1]:
             shard, lo, hi = self.ds.locate(self.seed, self.epoch, g)
             try:
                 opened = self.cache.open(self.ds, shard)
@@ -73,9 +103,15 @@ class SubStream:
                 self._skip(e, hi)
                 g = self.a + self.pos
                 continue
-            self._cur = (lo, hi, self.ds.doc_order(self.seed, self.epoch, shard), opened)
-        lo, _, order, opened = self._cur
-        return opened.doc(int(order[g - lo]))
+            # Where this stream's documents of the shard lie, in reading order, as Python ints:
+            # one vectorised lookup per shard instead of numpy scalars per document.
+            first, end = max(lo, self.a), min(hi, self.b)
+            docs = self.ds.doc_order(self.seed, self.epoch, shard)[first - lo : end - lo]
+            cur = self._cur = (first, end, opened.starts[docs].tolist(),
+                               opened.lengths[docs].tolist(), opened.tokens)
+        k = g - cur[0]
+        start = cur[2][k]
+        return cur[4][start : start + cur[3][k]]
 
     def _skip(self, e: CorruptShard, shard_end: int) -> None:
         """Skip the rest of a corrupt shard's documents in this span (or raise, by policy)."""
@@ -98,31 +134,55 @@ class SubStream:
         self.pos = end - self.a - 1
         self._next_doc()
 
-    def row(self, seq_len: int) -> np.ndarray:
-        """The next `seq_len + 1` tokens (dtype as stored); the last one is carried to the next row."""
-        pieces: list[np.ndarray] = []
-        need = seq_len + 1
-        if self.carry is not None:
-            pieces.append(np.array([self.carry], dtype=self.ds.np_dtype))
-            need -= 1
+    def row(self, seq_len: int) -> tuple[np.ndarray, list[int]]:
+        """The next `seq_len + 1` tokens (dtype as stored; the last one is carried to the next
+        row), and the positions in [1, seq_len) that follow an EOD (where a segment starts)."""
+        w0 = self._c - 1 if self._has_carry else self._c
+        if len(self._buf) - w0 < seq_len + 1:
+            self._refill(w0, seq_len + 1)
+            w0 = 0
+        out = self._buf[w0 : w0 + seq_len + 1]
+        lo = bisect.bisect_left(self._eods, w0)
+        hi = bisect.bisect_left(self._eods, w0 + seq_len - 1, lo)
+        starts = [e - w0 + 1 for e in self._eods[lo:hi]]
+        self._c = w0 + seq_len + 1
+        self._has_carry = True
+        return out, starts
+
+    def _refill(self, keep_from: int, row_tokens: int) -> None:
+        """Drop the buffer before `keep_from` and pack documents after what is left."""
+        keep = self._buf[keep_from:]
+        first = max(0, bisect.bisect_right(self._mark_starts, self._c) - 1)
+        marks = [(m[0] - keep_from, *m[1:]) for m in self._marks[first:]]
+        eods = [e - keep_from for e in self._eods[bisect.bisect_left(self._eods, keep_from):]]
+        pieces, at = [keep], len(keep)
+        # Whole rows (which overlap by one token): as many as fit in _FILL_TOKENS, at least one.
+        rows = max(1, (_FILL_TOKENS - 1) // (row_tokens - 1))
+        need = 1 + rows * (row_tokens - 1) - at
         while need > 0:
-            doc = self._doc()
+            doc = self._doc()  # may skip corrupt shards: the mark below counts them
             n = len(doc)
+            marks.append((at - self.offset, self.epoch, self.pos, self.skipped_shards,
+                          self.skipped_docs))
             if self.offset < n:
                 take = min(need, n - self.offset)
                 pieces.append(doc[self.offset : self.offset + take])
                 self.offset += take
+                at += take
                 need -= take
             if need > 0 and self.offset == n:
                 pieces.append(self._eod)
+                eods.append(at)
                 self.offset += 1
+                at += 1
                 need -= 1
             self._skip_run = 0
             if self.offset == n + 1:
                 self._next_doc()
-        out = np.concatenate(pieces)
-        self.carry = int(out[-1])
-        return out
+        self._buf = np.concatenate(pieces)
+        self._c -= keep_from
+        self._marks, self._eods = marks, eods
+        self._mark_starts = [m[0] for m in marks]
 
 
 class Stream:
@@ -141,14 +201,15 @@ class Stream:
             self.subs[d] = SubStream(self.datasets[d], self.index, *self._args)
         return self.subs[d]
 
-    def next_row(self, seq_len: int, global_tokens: int) -> tuple[np.ndarray, int]:
-        """(window of seq_len + 1 tokens, dataset index) for a row whose micro-batch starts after
-        `global_tokens` tokens of the whole run."""
+    def next_row(self, seq_len: int, global_tokens: int) -> tuple[np.ndarray, int, list[int]]:
+        """(window of seq_len + 1 tokens, dataset index, positions after an EOD) for a row whose
+        micro-batch starts after `global_tokens` tokens of the whole run."""
         phase = self.blend.phase_at(global_tokens)
-        d = choose(self.blend.phases[phase].weights, self.counts[phase], seq_len)
-        row = self.sub(d).row(seq_len)
+        d = 0 if len(self.datasets) == 1 else choose(self.blend.phases[phase].weights,
+                                                     self.counts[phase], seq_len)
+        row, starts = self.sub(d).row(seq_len)
         self.counts[phase][d] += seq_len
-        return row, d
+        return row, d, starts
 
     def state_dict(self) -> dict:
         names = [d.name for d in self.datasets]
@@ -190,6 +251,11 @@ class RowSchedule:
 
     def stream(self, j: int) -> int:
         return self.streams[self.position(j)]
+
+    def batch_streams(self, j: int) -> list[int]:
+        """The streams of rows `j, j + 1, …` of one micro-batch."""
+        n = len(self.streams)
+        return [self.streams[(self.rr + i) % n] for i in range(j, j + self.micro_batch)]
 
     def tokens_before(self, j: int) -> int:
         return self.base + (j // self.micro_batch) * self.micro_batch * self.seq_len * self.dp_size

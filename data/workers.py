@@ -70,11 +70,11 @@ class WorkerPool:
             p.start()
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.queues)
 
-    def get_batch(self, i: int) -> tuple[list[tuple[np.ndarray, int]], dict[int, dict]]:
+    def get_batch(self, i: int) -> tuple[list[tuple[np.ndarray, int, list[int]]], dict[int, dict]]:
         """Micro-batch `i` (counted from the start of the pool): its rows as (window, dataset
-        index) in row order, and the state of each stream it touched, after its last row."""
+        index, segment starts) in row order, and the state of each stream it touched, after its last row."""
         B = self.sched.micro_batch
-        rows: dict[int, tuple[np.ndarray, int]] = {}
+        rows: dict[int, tuple[np.ndarray, int, list[int]]] = {}
         states: dict[int, dict] = {}
         for w in sorted({self.sched.position(j) % self.n for j in range(i * B, (i + 1) * B)}):
             msg = self._get(w)
@@ -83,7 +83,7 @@ class WorkerPool:
             _, got, items, st = msg
             if got != i:  # a logic error, never a data problem
                 raise RuntimeError(f"data worker {w} sent micro-batch {got}, expected {i}")
-            rows.update((j, (row, d)) for j, row, d in items)
+            rows.update((j, (row, d, starts)) for j, row, d, starts in items)
             states.update(st)
         return [rows[j] for j in range(i * B, (i + 1) * B)], states
 

@@ -80,7 +80,8 @@ def cmd_train(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     _quiet()
     from hymoe.train.config import ConfigError
-    from hymoe.train.recipe import expand_sweep, list_recipes, load_recipe, to_yaml
+    from hymoe.train.recipe import list_recipes, load_recipe, to_yaml
+    from hymoe.train.sweep import run_sweep, split_sweep_dir, sweep_points
 
     if args.recipe is None:
         p.print_help()
@@ -91,23 +92,29 @@ def cmd_train(argv: list[str]) -> int:
             print(TRAIN_HELP + "\n")
             print(_schema_help(args.recipe, overrides))
             return 0
-        jobs = expand_sweep(overrides) if args.multirun else [overrides]
-        if args.multirun:
-            print(f"multirun: {len(jobs)} jobs")
-        for i, job in enumerate(jobs):
-            if args.multirun:
-                job = job + [f"run.dir=multirun/{args.recipe}/${{now:%Y-%m-%d_%H-%M-%S}}/{i}"]
-            cfg = load_recipe(args.recipe, job)
-            if args.print_config:
-                from hymoe.train.config import validate
+        if args.print_config:
+            from hymoe.train.config import validate
 
-                validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+            jobs = [job for _, job in sweep_points(overrides)] if args.multirun else [overrides]
+            for job in jobs:
+                cfg = load_recipe(args.recipe, job)
+                validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
                 print(to_yaml(cfg))
-                continue
-            from hymoe.launch.diagnostics import print_startup
+            return 0
+        from hymoe.launch.diagnostics import print_startup
+
+        if args.multirun:
+            sweep_dir, rest = split_sweep_dir(args.recipe, overrides)
+            print(f"multirun: {len(sweep_points(rest))} jobs in {sweep_dir}")
+            # print_startup: rank 0's layout, rendezvous/NCCL env, GPU, versions, backend
+            for _ in run_sweep(args.recipe, rest, sweep_dir,
+                               before_job=lambda _, cfg: print_startup(cfg)):
+                pass
+        else:
             from hymoe.train.trainer import Trainer
 
-            print_startup(cfg)  # rank 0: layout, rendezvous/NCCL env, GPU, versions, backend
+            cfg = load_recipe(args.recipe, overrides)
+            print_startup(cfg)
             Trainer(cfg).train()
     except ConfigError as e:
         _fail(str(e))
@@ -273,6 +280,11 @@ def cmd_convert(argv: list[str]) -> int:
     fr = sub.add_parser("from-hf", help="an HF nemotron_h folder -> model weights + model.yaml")
     fr.add_argument("hf_dir")
     fr.add_argument("out")
+    fr.add_argument("--mtp-depths", type=int, default=None, metavar="N",
+                    help="run the shared MTP block at N depths (default: the config's "
+                         "mtp_num_layers, else one per block). Nemotron 3 Super's config.json "
+                         "records one shared MTP layer but it was trained with 2 depths: "
+                         "--mtp-depths 2")
     args = p.parse_args(argv)
     _quiet()
     from hymoe.train import convert
@@ -282,7 +294,7 @@ def cmd_convert(argv: list[str]) -> int:
         if args.cmd == "to-hf":
             print(f"wrote {convert.to_hf(args.checkpoint, args.out, args.dtype)}")
         else:
-            out = convert.from_hf(args.hf_dir, args.out)
+            out = convert.from_hf(args.hf_dir, args.out, mtp_depths=args.mtp_depths)
             print(f"wrote {out} (train from it: checkpoint.init_weights={out}; model keys in {out}/model.yaml)")
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(f"{type(e).__name__}: {e}", 1)

@@ -54,19 +54,12 @@ def prepare_all(recipe: str, overrides: list[str], world_size: int, base: Path,
                 multirun: bool) -> list[Job]:
     """One ``Job`` per sweep point (``-m a=1,2 b=x,y``: the cartesian product, as ``hymoe train -m``
     expands it), each in its own folder ``<sweep dir>/<i>``; without ``multirun``, one job."""
-    from hymoe.train.recipe import expand_sweep
+    from hymoe.train.sweep import split_sweep_dir, sweep_points
 
     if not multirun:
         return [prepare(recipe, overrides, world_size, base)]
-    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("run.dir=")]
-    points = expand_sweep(_without_run_dir(overrides))
-    if given:
-        sweep_dir = given[-1]
-    else:
-        import datetime
-
-        # The folder `hymoe train -m` uses, resolved once for the whole sweep.
-        sweep_dir = f"multirun/{recipe}/{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    sweep_dir, rest = split_sweep_dir(recipe, overrides)
+    points = [job for _, job in sweep_points(rest)]
     jobs = []
     for i, job_overrides in enumerate(points):
         point = [o for o in job_overrides if not all(o in p for p in points)]  # what varies

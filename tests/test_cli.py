@@ -133,3 +133,12 @@ def test_nvfp4_telemetry_files(demo_data, tmp_path):
     assert any("mixer.in_proj" in name for name in layers)  # an NVFP4 layer
     assert any("mixer.out_proj" in name for name in layers)  # the MXFP8 one
     assert (run / "precision_telemetry_summary.json").exists()
+
+
+def test_sweep_points_are_the_cartesian_product_named_by_values():
+    from hymoe.train.sweep import sweep_points
+
+    points = sweep_points(["precision=bf16,nvfp4", "train.steps=3", "optim.lr=1e-3,2e-3"])
+    assert [name for name, _ in points] == ["bf16_0.001", "bf16_0.002", "nvfp4_0.001", "nvfp4_0.002"]
+    assert points[1][1] == ["precision=bf16", "train.steps=3", "optim.lr=0.002"]
+    assert sweep_points(["train.steps=3"]) == [("0", ["train.steps=3"])]

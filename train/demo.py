@@ -10,29 +10,32 @@ from pathlib import Path
 
 import torch
 
+ARMS = ("bf16", "nvfp4")  # the baseline first: compare measures the gap against it
+
 
 def run_demo(out: str, steps: int | None = None) -> dict:
-    from rich.console import Console
-
     from hymoe.train.compare import compare_runs
-    from hymoe.train.recipe import load_recipe
-    from hymoe.train.trainer import Trainer
+    from hymoe.train.sweep import run_sweep
+    from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
     out_dir = Path(out)
+    for arm in ARMS:
+        if (out_dir / arm).exists():
+            shutil.rmtree(out_dir / arm)  # a demo is a fresh run every time
+    # The two arms are a Hydra multirun over the precision, as `hymoe train tiny -m
+    # precision=bf16,nvfp4` runs it: same data, same seed, one run directory per arm.
+    overrides = [f"precision={','.join(ARMS)}", "run.name=demo_${precision.recipe}"]
+    if steps:
+        overrides.append(f"train.steps={steps}")
     runs = {}
-    for precision in ("bf16", "nvfp4"):
-        run_dir = out_dir / precision
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a demo is a fresh run every time
-        overrides = [f"precision={precision}", f"run.dir={run_dir}", f"run.name=demo_{precision}"]
-        if steps:
-            overrides.append(f"train.steps={steps}")
-        console.rule(f"demo: tiny · {precision}")
-        history = Trainer(load_recipe("tiny", overrides)).train()
-        runs[precision] = run_dir
-        console.print(f"{precision}: loss {history[0]['loss']:.3f} (step 1) → {history[-1]['loss']:.3f} (step {history[-1]['step']})")
-    summary = compare_runs([str(runs["bf16"]), str(runs["nvfp4"])], out_dir)
+    for arm, run_dir, history in run_sweep(
+            "tiny", overrides, out_dir, subdir="values",
+            before_job=lambda arm, _: console.rule(f"demo: tiny · {arm}")):
+        runs[arm] = run_dir
+        console.print(f"{arm}: loss {history[0]['loss']:.3f} (step 1) → {history[-1]['loss']:.3f} "
+                      f"(step {history[-1]['step']})")
+    summary = compare_runs([str(runs[a]) for a in ARMS], out_dir)
     console.rule("demo: comparison")
     if not torch.cuda.is_available():
         console.print("(CPU: the high-precision arm computed in fp32)")

@@ -6,7 +6,6 @@ One way in for every command: ``load_recipe(name, overrides)``. Errors come back
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -108,18 +107,3 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> HymoeConfig:
 
 def to_yaml(cfg: HymoeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra multirun overrides (``a=1,2 b=x,y``) → one plain override list per job (cartesian)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            choices.append([f"{key}={o.get_value_element_as_str()}"])
-    return [list(c) for c in itertools.product(*choices)] if choices else [[]]
