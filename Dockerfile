@@ -69,7 +69,8 @@ RUN MAX_JOBS=${MAX_JOBS} MAMBA_FORCE_BUILD=TRUE \
 RUN python -m pip install megatron-core==0.16.1
 
 # The rest of hymoe's requirements and its `dev` extra (to run `make test` in the container), read
-# from pyproject.toml so each pin lives in one place; torch is left out, the image's stays.
+# from pyproject.toml so each pin lives in one place; torch and triton are left out, the image's
+# stay (dev's triton pin is for the CPU interpreter tests).
 # transformers (dev) is also what mamba-ssm imports.
 COPY pyproject.toml /opt/hymoe/
 RUN python - > /opt/hymoe-requirements.txt <<'EOF'
@@ -78,7 +79,7 @@ from packaging.requirements import Requirement
 
 project = tomllib.load(open("/opt/hymoe/pyproject.toml", "rb"))["project"]
 for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
-    if Requirement(spec).name != "torch":
+    if Requirement(spec).name not in ("torch", "triton"):
         print(spec)
 EOF
 RUN cat /opt/hymoe-requirements.txt && python -m pip install -r /opt/hymoe-requirements.txt

@@ -1,6 +1,8 @@
-"""The GPU checks behind `make gpu-check`: short training runs, each in its own process with a
-timeout, summarised from their ``metrics.jsonl``. benchmarks/gpu_check.sh prepares the Python
-environment and calls this; docs/benchmarks.md says what is measured and why.
+"""The GPU checks behind `make gpu-check`: first the Triton quantization kernels
+(benchmarks/triton_check.py: bits against the eager path, quantize+dequantize throughput against a
+copy, an emulated NVFP4 linear step against BF16), then short training runs; each in its own process
+with a timeout, the runs summarised from their ``metrics.jsonl``. benchmarks/gpu_check.sh prepares
+the Python environment and calls this; docs/benchmarks.md says what is measured and why.
 
 Step time and tokens/s are medians over the steps after the first ``WARMUP_STEPS`` (those include
 CUDA context start-up, kernel compilation and allocator growth). NVFP4 is emulated (each GEMM
@@ -32,6 +34,9 @@ CHECKS = [
     ("tiny-nvfp4", "tiny", 20, ["precision=nvfp4"], 120, True),
     ("tiny_gpu-nvfp4", "tiny_gpu", 20, ["precision=nvfp4"], 150, False),
 ]
+# The kernel check runs first (the NVFP4 runs use its kernels): (name, timeout_s). It is required:
+# different bits fail gpu-check; its throughput and step-time goals are reported, not enforced.
+KERNEL_CHECK = ("triton-kernels", 150)
 # (emulated run, its BF16 baseline): step-time ratios for the summary.
 RATIOS = [("tiny-nvfp4", "tiny-bf16"), ("tiny_gpu-nvfp4", "tiny_gpu-bf16")]
 
@@ -94,6 +99,37 @@ def run_check(name, recipe, steps, overrides, timeout_s, work: Path, log) -> dic
     return result
 
 
+def run_kernel_check(timeout_s, device: str, out: Path, log) -> dict:
+    """benchmarks/triton_check.py in a child process (killed on timeout); its report in "text"."""
+    name = KERNEL_CHECK[0]
+    report = out / "triton_check.json"
+    report.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).with_name("triton_check.py")), "--device", device,
+           "--json", str(report)]
+    log.write(f"\n===== {name}: {' '.join(cmd[1:])} (timeout {timeout_s:.0f} s)\n")
+    log.flush()
+    print(f"[gpu-check] {name}: benchmarks/triton_check.py --device {device}"
+          f" (timeout {timeout_s:.0f} s)", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        rc = proc.wait(timeout=timeout_s)
+        status = "ok" if rc == 0 else f"failed (exit {rc})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        status = f"timed out after {timeout_s:.0f} s"
+    result = {"name": name, "recipe": "-", "status": status,
+              "wall_s": round(time.monotonic() - t0, 1)}
+    if report.exists():
+        data = json.loads(report.read_text())
+        result["text"] = data.pop("text", "")
+        result["report"] = data
+    print(f"[gpu-check] {name}: {status} in {result['wall_s']} s", flush=True)
+    return result
+
+
 def _fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
 
@@ -113,7 +149,16 @@ def render(results: list[dict], ratios: dict, header: list[str]) -> str:
             " operands), so its ratio to BF16 is the emulation's cost")
     lines += ["", note]
     lines += [f"step-time ratio {key}: {_fmt(value, '.2f')}" for key, value in ratios.items()]
+    for r in results:
+        if r.get("text"):
+            lines += ["", r["text"].rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv=None) -> int:
@@ -140,6 +185,11 @@ def main(argv=None) -> int:
     only = {s for s in args.only.split(",") if s}
     results = []
     with open(out / "gpu_check.log", "w") as log:
+        if not only or KERNEL_CHECK[0] in only:
+            left = deadline - time.monotonic()
+            device = "cuda" if not args.allow_cpu or _has_cuda() else "cpu"
+            result = run_kernel_check(min(KERNEL_CHECK[1], max(left, 1)), device, out, log)
+            results.append({**result, "required": True})
         for name, recipe, steps, overrides, timeout_s, required in CHECKS:
             if only and name not in only:
                 continue

@@ -5,8 +5,9 @@
 # 2. Python: python3 as it is if it already has hymoe and its dependencies (the Docker image);
 #    otherwise a venv with --system-site-packages (keeps the machine's torch) into which go the
 #    wheels from benchmarks/wheels.sh (--no-index: the GPU machines cannot download) and hymoe -e.
-# 3. nvidia-smi, torch/CUDA and package versions; then benchmarks/gpu_check.py trains tiny_gpu in
-#    BF16 for 50 steps, tiny in BF16 and in emulated NVFP4 for 20 steps each and, time allowing,
+# 3. nvidia-smi, torch/CUDA and package versions; then benchmarks/gpu_check.py checks the Triton
+#    quantization kernels (benchmarks/triton_check.py: bits against the eager path, throughput
+#    against a copy, an NVFP4 linear step against BF16), trains tiny_gpu in BF16 for 50 steps, tiny in BF16 and in emulated NVFP4 for 20 steps each and, time allowing,
 #    tiny_gpu in NVFP4 for 20 steps, each with a timeout. The summary goes to $OUT/gpu_check.txt
 #    (with .json and the runs' .log) when OUT is set, else to stdout and $WORK.
 #
@@ -139,7 +140,7 @@ LEFT=$((BUDGET - SECONDS - 15))
 [ "$LEFT" -gt 60 ] || die "setup took ${SECONDS} s of the ${BUDGET} s budget; no time left"
 ARGS=(--work "$WORK" --budget-s "$LEFT")
 [ -n "${OUT:-}" ] && ARGS+=(--out "$OUT")
-[ "$ALLOW_CPU" = 1 ] && ARGS+=(--allow-cpu --only tiny-bf16,tiny-nvfp4 --steps 7)
+[ "$ALLOW_CPU" = 1 ] && ARGS+=(--allow-cpu --only triton-kernels,tiny-bf16,tiny-nvfp4 --steps 7)
 for line in "${HEADER[@]}"; do ARGS+=(--header "$line"); done
 say "setup took ${SECONDS} s; the checks get ${LEFT} s"
 timeout --kill-after=10 $((LEFT + 20)) "$PY" benchmarks/gpu_check.py "${ARGS[@]}"

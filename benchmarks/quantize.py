@@ -1,5 +1,6 @@
-"""NVFP4 quantize + dequantize throughput: hymoe (eager and torch.compile'd) against torchao's NVFP4
-on the same tensor, and against a plain copy of it. One run prints one table.
+"""NVFP4 quantize + dequantize throughput: hymoe (eager; torch.compile'd on CPU, Triton kernels on
+CUDA) against torchao's NVFP4 on the same tensor, and against a plain copy of it. One run prints
+one table. (benchmarks/triton_check.py, part of `make gpu-check`, is the GPU measurement of record.)
 
     python benchmarks/quantize.py                       # CPU (and CUDA if present), 4096 x 4096
     python benchmarks/quantize.py --rows 2048 --cols 2048 --threads 2 --json out.json
@@ -63,9 +64,10 @@ def methods(x: torch.Tensor, device: str) -> dict:
     except ImportError:
         pass
 
-    def hymoe(mode):
+    def hymoe(compile_mode, triton_mode="off"):
         def run():
-            nvfp4.set_compile(mode)
+            nvfp4.set_compile(compile_mode)
+            nvfp4.set_triton(triton_mode)
             return nvfp4.quantize(x).dequantize()
 
         return run
@@ -73,6 +75,8 @@ def methods(x: torch.Tensor, device: str) -> dict:
     out["hymoe eager"] = hymoe("off")
     if device == "cpu":
         out["hymoe compiled"] = hymoe("on")
+    else:  # the default on CUDA (precision/triton_kernels.py)
+        out["hymoe triton"] = hymoe("off", "auto")
     return out
 
 
@@ -91,6 +95,7 @@ def bench(device: str, rows: int, cols: int, repeats: int) -> list[dict]:
                         "melem_per_s": x.numel() / best / 1e6,
                         "gb_per_s": x.numel() * x.element_size() / best / 1e9})
     nvfp4.set_compile("auto")
+    nvfp4.set_triton("auto")
     ao = next((r for r in results if r["method"].startswith("torchao")), None)
     for r in results:
         r["x_torchao"] = ao["best_s"] / r["best_s"] if ao else None

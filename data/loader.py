@@ -87,6 +87,7 @@ class PackedStream:
         self.on_corrupt, self.eod_mask_loss = on_corrupt, eod_mask_loss
         self.eod = self.datasets[0].eod
         self._context = [d.context_len for d in self.datasets]
+        self._has_context = any(c is not None for c in self._context)
         if on_corrupt == "error":
             for ds in self.datasets:
                 _check_sizes(ds)
@@ -183,7 +184,7 @@ class PackedStream:
             labels[i] = row[1:]
             # Segment starts: the row's first token, each token after an EOD (the packer knows
             # where it put them), every context_len-th token of a dataset with contexts.
-            c = self._context[d]
+            c = self._context[d] if self._has_context else None
             if c is not None and c < S:
                 starts = sorted(set(starts).union(range(c, S, c)))
             cu.append(i * S)
@@ -192,11 +193,12 @@ class PackedStream:
                 continue
             bounds = [0, *starts, S]
             longest = max(longest, *(b - a for a, b in itertools.pairwise(bounds)))
+            idx = seq_idx[i]
             if len(starts) < 8:  # a few slice fills beat building the index array
                 for k in range(1, len(bounds) - 1):
-                    seq_idx[i, bounds[k] : bounds[k + 1]] = k
+                    idx[bounds[k] : bounds[k + 1]] = k
             else:
-                seq_idx[i] = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(bounds))
+                idx[:] = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(bounds))
             cu.extend(i * S + b for b in starts)
         cu.append(B * S)
         loss_mask = torch.ones(B, S, dtype=torch.float32)

@@ -204,10 +204,11 @@ class Stream:
     def next_row(self, seq_len: int, global_tokens: int) -> tuple[np.ndarray, int, list[int]]:
         """(window of seq_len + 1 tokens, dataset index, positions after an EOD) for a row whose
         micro-batch starts after `global_tokens` tokens of the whole run."""
-        phase = self.blend.phase_at(global_tokens)
+        phase = self.blend.phase_at(global_tokens) if len(self.blend.phases) > 1 else 0
         d = 0 if len(self.datasets) == 1 else choose(self.blend.phases[phase].weights,
                                                      self.counts[phase], seq_len)
-        row, starts = self.sub(d).row(seq_len)
+        sub = self.subs.get(d) or self.sub(d)
+        row, starts = sub.row(seq_len)
         self.counts[phase][d] += seq_len
         return row, d, starts
 

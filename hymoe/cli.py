@@ -286,6 +286,8 @@ def cmd_convert(argv: list[str]) -> int:
                          "records one shared MTP layer but it was trained with 2 depths: "
                          "--mtp-depths 2")
     args = p.parse_args(argv)
+    if getattr(args, "mtp_depths", None) is not None and args.mtp_depths < 1:
+        p.error(f"--mtp-depths {args.mtp_depths}: N must be at least 1")
     _quiet()
     from hymoe.train import convert
     from hymoe.train.checkpoint import CheckpointError

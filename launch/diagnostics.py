@@ -40,7 +40,8 @@ def layout_line(cfg, world_size: int) -> str:
         dp = p.validate(world_size, model_dims(cfg.model, cfg.train.seq_len))
     except ValueError as e:
         return f"✗ world size {world_size}: {e}"
-    return (f"world {world_size} = dp {dp} × tp {p.tp} × pp {p.pp} × cp {p.cp}; "
+    vpp = f" ({p.vpp} virtual stages each)" if p.vpp > 1 else ""
+    return (f"world {world_size} = dp {dp} × tp {p.tp} × pp {p.pp}{vpp} × cp {p.cp}; "
             f"ep {p.ep} (expert tp {p.expert_tp})")
 
 

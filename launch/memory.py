@@ -20,7 +20,7 @@ from hymoe.model.config import ModelConfig
 from hymoe.model.counting import layer_params
 from hymoe.model.flops import layer_flops_by_module
 from hymoe.model.pattern import ATTENTION, MAMBA, MLP, MOE, parse
-from hymoe.parallel.layout import ParallelConfig
+from hymoe.parallel.layout import ParallelConfig, chunk_layers
 from hymoe.precision.config import PrecisionConfig
 from hymoe.precision.policy import decide
 
@@ -51,11 +51,14 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return pad(vocab, tp)
 
 
-def stage_layers(cfg: ModelConfig, pp: int) -> list[list[tuple[int, str]]]:
+def stage_layers(cfg: ModelConfig, pp: int, vpp: int = 1) -> list[list[tuple[int, str]]]:
     """(global layer index, symbol) of each pipeline stage: the pattern's '|' stages, or equal
-    parts (the layout rules require one or the other)."""
+    parts (the layout rules require one or the other); with virtual stages, each rank's chunks."""
     p = parse(cfg.pattern)
     layers = list(enumerate(p.layers))
+    if vpp > 1:  # the layout rules make the virtual stages equal
+        return [[layers[i] for v in range(vpp) for i in chunk_layers(len(layers), pp, vpp, r, v)]
+                for r in range(pp)]
     if len(p.stages) == pp:
         sizes = [len(s) for s in p.stages]
     else:
@@ -122,6 +125,7 @@ class StageParams:
     dense: float = 0  # this rank's non-expert parameters
     expert: float = 0  # this rank's expert parameters
     fp32: float = 0  # of those, kept in fp32 whatever the compute dtype (Mamba's A_log, D, dt_bias)
+    duplicate: float = 0  # of dense, copies of another stage's weights (the last stage's embedding)
     quantized: dict = field(default_factory=dict)  # format -> this rank's weights in it
 
 
@@ -146,8 +150,13 @@ def stage_params(cfg: ModelConfig, layout: ParallelConfig, stage: list[tuple[int
     if first:
         out.dense += embedding
     if last:
-        # The output layer (tied: megatron keeps a copy of the embedding on the last stage).
-        out.dense += embedding if (cfg.untie_embeddings_and_output_weights or layout.pp > 1) else 0
+        if cfg.untie_embeddings_and_output_weights:
+            out.dense += embedding  # the output layer
+        if layout.pp > 1 and (not cfg.untie_embeddings_and_output_weights or cfg.mtp_depths):
+            # A copy of the first stage's embedding: megatron's tied output weight, and the input
+            # embedding MTP reads (hymoe.model.mtp); one copy serves both when tied.
+            out.dense += embedding
+            out.duplicate += embedding
         out.dense += h  # final norm
         if cfg.mtp_depths:
             # MTP: its layers (one shared by all depths, or one per depth), each with its eh_proj
@@ -242,7 +251,7 @@ def logits_bytes(cfg: ModelConfig, tokens: int, tp: int, vocab: int) -> tuple[fl
 
 def all_stage_params(cfg: ModelConfig, layout: ParallelConfig, vocab: int,
                      table: dict) -> list[StageParams]:
-    stages = stage_layers(cfg, layout.pp)
+    stages = stage_layers(cfg, layout.pp, layout.vpp)
     return [stage_params(cfg, layout, st, r == 0, r == len(stages) - 1, vocab, table)
             for r, st in enumerate(stages)]
 
@@ -256,7 +265,7 @@ def stage_memory(cfg: ModelConfig, layout: ParallelConfig, dp: int, seq_len: int
     microbatches × saved), transient, overhead, total. ``param_bytes``: 2 for bf16 parameters
     (a GPU run), 4 for fp32. ``table`` and ``params`` (``model_table``, ``all_stage_params``)
     save recomputing what does not change with the micro batch or the recompute choice."""
-    stages = stage_layers(cfg, layout.pp)
+    stages = stage_layers(cfg, layout.pp, layout.vpp)
     table = table or model_table(cfg, precision)
     params = params or all_stage_params(cfg, layout, vocab, table)
     tokens = seq_len // layout.cp * micro_batch
@@ -273,8 +282,13 @@ def stage_memory(cfg: ModelConfig, layout: ParallelConfig, dp: int, seq_len: int
             ls, lt = logits_bytes(cfg, tokens, layout.tp, vocab)
             saved += ls
             transient = max(transient, lt)
-        # 1F1B: stage r holds the activations of pp - r microbatches at its peak.
+        # 1F1B: stage r holds the activations of pp - r microbatches at its peak. Interleaved,
+        # megatron's warm-up runs 2(pp - r - 1) + (vpp - 1)·pp chunk-microbatches of 1/vpp of
+        # the stage each, one more at the peak.
         in_flight = min(layout.pp - r, num_micro)
+        if layout.vpp > 1:
+            chunks = 2 * (layout.pp - r - 1) + (layout.vpp - 1) * layout.pp + 1
+            in_flight = min(chunks, num_micro * layout.vpp) / layout.vpp
         mem.update(activations=in_flight * saved, transient=transient, overhead=RUNTIME_OVERHEAD,
                    in_flight=in_flight, dense_params=p.dense, expert_params=p.expert)
         mem["total"] = sum(mem[k] for k in ("params", "grads", "optimizer", "quantized",

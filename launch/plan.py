@@ -9,8 +9,9 @@ respectively divisors of the expert count), etp (1 or tp), pp (divisors of the l
 memory. Decided, not searched: sequence parallelism is on with tp > 1 (megatron-core requires it
 for MoE, and it only saves memory); the distributed optimizer is on whenever there is data
 parallelism (its reduce-scatter + all-gather move what an all-reduce moves, and it shards the
-optimizer state). Not searched: virtual pipeline stages — megatron-core 0.16.1's MambaStack
-refuses them ("does not currently support virtual/interleaved pipeline parallelism").
+optimizer state). Not searched: virtual pipeline stages (hymoe's hybrid stack runs them,
+``parallel.vpp``); a ``parallel.vpp=V`` override lays every candidate out with V interleaved
+stages per rank (layouts whose layers do not split into pp·V equal stages are refused).
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ class Plan:
     @property
     def overrides(self) -> str:
         p = self.layout
-        out = [f"parallel.tp={p.tp}", f"parallel.pp={p.pp}", f"parallel.cp={p.cp}",
-               f"parallel.ep={p.ep}", f"parallel.etp={p.expert_tp}",
-               f"parallel.distributed_optimizer={str(p.distributed_optimizer).lower()}",
-               f"train.micro_batch={self.micro_batch}"]
+        out = [f"parallel.tp={p.tp}", f"parallel.pp={p.pp}"]
+        out += [f"parallel.vpp={p.vpp}"] if p.vpp > 1 else []
+        out += [f"parallel.cp={p.cp}", f"parallel.ep={p.ep}", f"parallel.etp={p.expert_tp}",
+                f"parallel.distributed_optimizer={str(p.distributed_optimizer).lower()}",
+                f"train.micro_batch={self.micro_batch}"]
         if RECOMPUTE_OVERRIDES[self.recompute]:
             out.append(RECOMPUTE_OVERRIDES[self.recompute])
         return " ".join(out)
@@ -89,7 +91,8 @@ class Plan:
     def to_json(self) -> dict:
         p = self.layout
         return {
-            "tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep, "etp": p.expert_tp, "dp": self.dp,
+            "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "cp": p.cp, "ep": p.ep, "etp": p.expert_tp,
+            "dp": self.dp,
             "sequence_parallel": p.use_sequence_parallel,
             "distributed_optimizer": p.distributed_optimizer, "micro_batch": self.micro_batch,
             "num_microbatches": self.num_micro, "recompute": self.recompute,
@@ -128,7 +131,8 @@ def candidate_layouts(cfg: HymoeConfig, world: int, seq_len: int, rejected: Coun
                     continue
                 for ep in eps:
                     for etp in sorted({1, tp}):
-                        layout = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, cp=cp)
+                        layout = ParallelConfig(tp=tp, pp=pp, vpp=cfg.parallel.vpp, ep=ep,
+                                                etp=etp, cp=cp)
                         try:
                             dp = layout.validate(world, dims)
                         except LayoutError as e:
@@ -139,11 +143,11 @@ def candidate_layouts(cfg: HymoeConfig, world: int, seq_len: int, rejected: Coun
                         yield layout, dp
 
 
-def _stage_groups(cfg, pp: int, formats) -> list[Counter]:
+def _stage_groups(cfg, pp: int, formats, vpp: int = 1) -> list[Counter]:
     """Each stage's layers as a count of (symbol, formats) kinds, so that every kind of layer is
     costed once per layout."""
     out = []
-    for stage in stage_layers(cfg.model, pp):
+    for stage in stage_layers(cfg.model, pp, vpp):
         out.append(Counter((s, tuple(sorted(formats[i].items()))) for i, s in stage))
     return out
 
@@ -183,13 +187,21 @@ def evaluate(cfg: HymoeConfig, layout: ParallelConfig, dp: int, micro_batch: int
     t = step_time(stage_times, [s / 3 for s in stage_times], layout, dp, num_micro,
                   worst["dense_params"], worst["expert_params"], opt_params, tokens,
                   model.hidden_size, gpu)
-    slots = num_micro + layout.pp - 1
+    slots = num_micro + (layout.pp - 1) / layout.vpp  # as step_time counts them
     t.update({k: slots * v for k, v in comm.items()})
     achieved = model_flops_per_gpu_step / t["step"]
     fits = worst["total"] <= HEADROOM * gpu.memory_gb * 1e9
     return Plan(layout, dp, micro_batch, num_micro, recompute, worst, t,
                 mfu=achieved / mixed_peak, mfu_bf16=achieved / (gpu.bf16_tflops * 1e12),
                 tflops=achieved / 1e12, fits=fits)
+
+
+def _schedulable(layout: ParallelConfig, num_micro: int) -> bool:
+    try:
+        layout.check_microbatches(num_micro)
+    except LayoutError:
+        return False
+    return True
 
 
 def _mixed_peak(cfg: HymoeConfig, formats, seq_len: int, vocab: int, gpu: GPU) -> float:
@@ -225,7 +237,11 @@ def plan(cfg: HymoeConfig, world: int, gpu: GPU) -> PlanResult:
         if not micro:
             rejected[f"train.global_batch ({global_batch}) not a multiple of dp"] += 1
             continue
-        groups = _stage_groups(cfg, layout.pp, formats)
+        micro = [b for b in micro if _schedulable(layout, global_batch // (b * dp))]
+        if not micro:
+            rejected["parallel.vpp (microbatches not a multiple of pp)"] += 1
+            continue
+        groups = _stage_groups(cfg, layout.pp, formats, layout.vpp)
         params = all_stage_params(cfg.model, layout, vocab, table)
         options = [evaluate(cfg, layout, dp, b, rc, gpu, seq_len, global_batch, vocab, table,
                             params, groups, model_flops, mixed_peak, cache)

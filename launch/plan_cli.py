@@ -80,7 +80,9 @@ def render(result: PlanResult, top: int, pins: dict[str, int]) -> str:
         lines.append(f"  no layout with {pins} passes the rules on {c['gpus']} GPUs")
     if shown:
         rank, best = shown[0]
-        lines += ["", f"#{rank}: hymoe train {c['recipe']} {best.overrides}"]
+        # The batch shape too: --seq-len may have changed both from the recipe's.
+        lines += ["", f"#{rank}: hymoe train {c['recipe']} {best.overrides} "
+                      f"train.seq_len={c['seq_len']} train.global_batch={c['global_batch']}"]
         lines += [f"  note: {n}" for n in best.notes]
     return "\n".join(lines)
 

@@ -163,16 +163,19 @@ def step_time(stage_times: list[float], stage_forward: list[float], layout: Para
               optimizer_params: float, tokens: float, hidden: int, gpu: GPU) -> dict[str, float]:
     """Seconds per optimizer step from each stage's time per microbatch (``stage_times``, its
     forward share ``stage_forward``): {'step', 'bubble', 'pp', 'dp', 'optimizer'}."""
-    tp, cp, pp = layout.tp, layout.cp, layout.pp
+    tp, cp, pp, vpp = layout.tp, layout.cp, layout.pp, layout.vpp
     slot = max(stage_times)
     p2p = 0.0
     if pp > 1:
         # Send/recv of one microbatch's [tokens/tp, h] activation (forward) and its gradient
-        # (backward) between neighbouring stages, which sit tp·cp·dp ranks apart.
-        p2p = 2 * ACT * tokens / tp * hidden / _bandwidth(gpu, 2 * tp * cp * dp)
+        # (backward) between neighbouring stages, which sit tp·cp·dp ranks apart; once per
+        # model chunk with virtual stages.
+        p2p = vpp * 2 * ACT * tokens / tp * hidden / _bandwidth(gpu, 2 * tp * cp * dp)
         slot += p2p
-    pipeline = (num_micro + pp - 1) * slot
-    bubble = (pp - 1) / (num_micro + pp - 1)
+    # Interleaved, the fill and drain take (pp - 1) chunk slots, each 1/vpp of a stage's.
+    slots = num_micro + (pp - 1) / vpp
+    pipeline = slots * slot
+    bubble = (pp - 1) / (vpp * num_micro + pp - 1)
     # Data parallel: fp32 gradient reduce-scatter (all-reduce without the distributed optimizer)
     # and bf16 parameter all-gather, dense over dp·cp, experts over the expert-dp group; the
     # last microbatch's backward and the next step's first forward hide what they can.
@@ -192,5 +195,5 @@ def step_time(stage_times: list[float], stage_forward: list[float], layout: Para
     dp_exposed = max(0.0, comm - last_backward) + max(0.0, gather - first_forward)
     optimizer = OPTIMIZER_BYTES * optimizer_params / (gpu.hbm_tbps * 1e12)
     return {"step": pipeline + dp_exposed + optimizer, "bubble": bubble,
-            "pp": (num_micro + pp - 1) * p2p, "dp": dp_exposed,
+            "pp": slots * p2p, "dp": dp_exposed,
             "optimizer": optimizer}

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.utils.checkpoint
-from megatron.core.ssm.mamba_block import MambaStack
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from hymoe.model.config import ModelConfig
 from hymoe.model.norm import RMSNorm
 from hymoe.model.pattern import MOE
 from hymoe.model.mtp import HybridModel, mtp_transformer_layer_spec
 from hymoe.model.specs import hybrid_stack_submodules
+from hymoe.parallel.layout import chunk_layers
 
 
 class HybridStack(MambaStack):
-    """megatron-core's MambaStack with a final norm that needs no Transformer Engine, and full
-    activation recompute (``config.hymoe_recompute_full``), which megatron's Mamba stack lacks."""
+    """megatron-core's MambaStack with a final norm that needs no Transformer Engine, full
+    activation recompute (``config.hymoe_recompute_full``), which megatron's Mamba stack lacks, and
+    virtual pipeline stages (``vp_stage``: this model chunk's), which it refuses."""
 
-    def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
+    def __init__(self, config, submodules, *args, post_layer_norm: bool = True,
+                 vp_stage: int | None = None, **kwargs):
+        # Read by _select_layers_for_pipeline_parallel, which MambaStack's constructor calls.
+        self.vp_stage = vp_stage
+        if vp_stage is not None:
+            submodules = _at_virtual_stage(submodules, vp_stage)
         super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
@@ -29,6 +39,32 @@ class HybridStack(MambaStack):
         if getattr(config, "hymoe_recompute_full", False):
             for layer in self.layers:
                 layer.forward = _recomputed(layer, layer.forward)
+
+    def _select_layers_for_pipeline_parallel(self, layer_type_list):
+        """(first layer's index, layer types) of this chunk: equal virtual stages, placed as
+        megatron's transformer layers number themselves (megatron-core 0.16.1's own selection
+        asserts there is no virtual pipeline). hymoe never sets megatron's uneven first/last stage
+        sizes, so equal stages are all there is."""
+        vpp = self.config.virtual_pipeline_model_parallel_size or 1
+        layers = chunk_layers(self.config.num_layers, self.pp_group.size(), vpp,
+                              self.pp_group.rank(), self.vp_stage or 0)
+        return layers.start, layer_type_list[layers.start:layers.stop]
+
+
+def _at_virtual_stage(submodules: MambaStackSubmodules, vp_stage: int) -> MambaStackSubmodules:
+    """The stack's layer specs for model chunk ``vp_stage``: megatron's transformer layers (``*``,
+    ``-``, ``E``) derive their global layer number — hence checkpoint keys and MoE log slots — from
+    it. ``MLPLayer``'s constructor does not pass ``vp_stage`` on, so ``-`` layers are built as the
+    ``TransformerLayer`` that ``MLPLayer`` is (it adds nothing else)."""
+
+    def staged(spec):
+        if not (isinstance(spec, ModuleSpec) and issubclass(spec.module, TransformerLayer)):
+            return spec  # Mamba layers take their offset from the stack
+        module = TransformerLayer if spec.module is MLPLayer else spec.module
+        return replace(spec, module=module, params=dict(spec.params or {}, vp_stage=vp_stage))
+
+    return replace(submodules, attention_layer=staged(submodules.attention_layer),
+                   mlp_layer=staged(submodules.mlp_layer), moe_layer=staged(submodules.moe_layer))
 
 
 def _recomputed(layer, forward):
@@ -110,18 +146,21 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     pg_collection=None,
+    vp_stage: int | None = None,
 ) -> HybridModel:
-    """The hybrid model for this pipeline stage (all of it when pp=1), on CPU in params_dtype."""
+    """The hybrid model for this pipeline stage (all of it when pp=1), on CPU in params_dtype;
+    with virtual pipeline stages, model chunk ``vp_stage`` of this pipeline rank."""
     uses_moe = MOE in model.layer_pattern or any(MOE in d for d in model.mtp_depths)
     stack = hybrid_stack_submodules(model.num_experts if uses_moe else None)
-    spec = ModuleSpec(module=HybridStack, submodules=stack)
+    spec = ModuleSpec(module=HybridStack, submodules=stack,
+                      params={} if vp_stage is None else {"vp_stage": vp_stage})
     kwargs = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
     if model.mtp_depths:
         kwargs.update(mtp_layer_spec=mtp_transformer_layer_spec(stack, model.mtp_depths[0]),
                       mtp_depths=len(model.mtp_depths), mtp_shared_layer=model.mtp_shared_layer)
-    return HybridModel(
+    hybrid = HybridModel(
         config=config,
         mamba_stack_spec=spec,
         vocab_size=vocab_size,
@@ -133,3 +172,15 @@ def build_model(
         position_embedding_type="none",
         **kwargs,
     )
+    if vp_stage is not None:
+        _place_chunk(hybrid, vp_stage)
+    return hybrid
+
+
+def _place_chunk(model: HybridModel, vp_stage: int) -> None:
+    """megatron-core's MambaModel takes no ``vp_stage`` (its GPTModel does), yet the tie of input
+    embedding and output layer between the first and the last chunk reads it: set it, and tie
+    again (the first set-up, without it, leaves both copies out of the embedding group)."""
+    model.vp_stage = vp_stage
+    if model.share_embeddings_and_output_weights and (model.pre_process or model.post_process):
+        model.setup_embeddings_and_output_layer()

@@ -1,5 +1,6 @@
 """Hugging Face ``nemotron_h`` interop: the format of the released Nemotron 3 checkpoints, which
-transformers' ``NemotronHForCausalLM`` reads (config.json + safetensors).
+transformers' ``NemotronHForCausalLM`` reads (config.json + safetensors). This file holds the
+weights and folders; config.json ↔ ``ModelConfig`` (and what is refused there) is hf_config.py.
 
     to_hf(model_or_state, path, model_cfg=None)   hymoe/megatron-core (TP=PP=EP=1) → HF folder
     load_hf(path) → (ModelConfig, vocab, state)    HF folder → megatron state dict (no model)
@@ -13,15 +14,12 @@ layouts are the same on both sides. Experts are written one tensor per expert
 (``experts.{k}.up_proj.weight``), as in the released checkpoints; the stacked in-memory form that
 transformers builds on load (``experts.up_proj`` [E, I, in]) is read as well.
 
-Semantics that differ between megatron-core and transformers, and what is done about them:
-- dt clamp: HF clamps softplus(dt) at ``time_step_min`` in its chunked (prefill) path; megatron-core
-  has no clamp. ``ModelConfig.mamba_dt_min_clamp`` carries it (0 = none); ``to_hf`` writes
-  ``time_step_min=1e-30`` for 0 (HF's initialiser takes its log, so 0 itself crashes it).
-- top-k normalisation: megatron normalises sigmoid top-k weights only when top-k > 1; HF
-  normalises whenever ``norm_topk_prob``. ``to_hf`` writes ``norm_topk_prob = topk > 1``;
-  ``load_hf`` refuses the two combinations megatron cannot express.
-- group-limited routing (``n_group`` > 1): HF scores a group by its top-2 experts, megatron by its
-  top-(topk/groups); hymoe has no grouped routing, so ``load_hf`` refuses ``n_group`` > 1.
+Multi-Token Prediction is written as the released Nemotron 3 Super checkpoint holds it (and as
+Megatron-Bridge's nemotron_h bridge and vLLM's ``nemotron_h_mtp`` read it): each physical MTP block
+of pattern ``*E`` is flattened into consecutive HF layers ``mtp.layers.{L·p + j}`` (L = 2), the
+first carrying ``enorm``/``hnorm``/``eh_proj`` and the attention, the last the MoE/MLP and
+``final_layernorm``. A shared-layer model writes its one block (``hf_config.mtp_blocks``).
+transformers' ``NemotronHForCausalLM`` ignores ``mtp.*`` on load.
 """
 
 from __future__ import annotations
@@ -36,149 +34,18 @@ from typing import Optional
 import torch
 
 from hymoe.model.config import ModelConfig
+from hymoe.model.hf_config import (
+    HFConversionError,
+    hf_config,
+    model_config_from_hf,
+    model_config_of,
+    mtp_blocks,
+)
 from hymoe.model.pattern import ATTENTION, MAMBA, MLP, MOE
 
-HF_LAYER_TYPE = {MAMBA: "linear_attention", ATTENTION: "full_attention", MOE: "moe", MLP: "mlp"}
-_SYMBOL = {v: k for k, v in HF_LAYER_TYPE.items()}
-# HF's initialiser takes log(time_step_min); the smallest clamp that changes nothing in fp32.
-_NO_DT_CLAMP = 1e-30
 # Kept in fp32 whatever the export dtype (decay rates; the routing bias is fp32 in both).
 _FP32_KEYS = ("A_log", "D", "dt_bias", "e_score_correction_bias")
 
-
-class HFConversionError(ValueError):
-    """A config or checkpoint that cannot be converted; the message names the field."""
-
-
-# ----------------------------------------------------------------------------------------------
-# config.json
-# ----------------------------------------------------------------------------------------------
-def hf_config(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> dict:
-    """The ``nemotron_h`` config.json for ``cfg``."""
-    cfg.validate()
-    layers = cfg.layer_pattern
-    if MOE in layers and not cfg.moe_shared_expert_intermediate_size:
-        raise HFConversionError(
-            "model.moe_shared_expert_intermediate_size: HF nemotron_h always has a shared expert"
-        )
-    d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
-    return {
-        "architectures": ["NemotronHForCausalLM"],
-        "model_type": "nemotron_h",
-        "vocab_size": vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "layers_block_type": [HF_LAYER_TYPE[s] for s in layers],
-        # For readers of the older remote-code config (vLLM, transformers < 5).
-        "hybrid_override_pattern": layers,
-        "num_hidden_layers": len(layers),
-        "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
-        "max_position_embeddings": cfg.max_sequence_length,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.head_dim,
-        "attention_bias": False,
-        "intermediate_size": cfg.ffn_hidden_size,
-        "mlp_hidden_act": "relu2",
-        "mlp_bias": False,
-        "use_bias": False,
-        "ssm_state_size": cfg.mamba_state_dim,
-        "mamba_num_heads": cfg.mamba_num_heads,
-        "mamba_head_dim": cfg.mamba_head_dim,
-        "mamba_hidden_act": "silu",
-        "n_groups": cfg.mamba_num_groups,
-        "conv_kernel": 4,
-        "expand": max(1, d_inner // cfg.hidden_size),  # informational; HF uses heads × head_dim
-        "chunk_size": cfg.mamba_chunk_size,
-        "use_conv_bias": True,
-        "mamba_proj_bias": False,
-        "time_step_min": cfg.mamba_dt_min_clamp or _NO_DT_CLAMP,
-        "time_step_max": 0.1,
-        "time_step_floor": 1e-4,
-        "time_step_limit": [0.0, float("inf")],
-        "n_routed_experts": cfg.num_experts,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": cfg.moe_router_topk,
-        "moe_intermediate_size": cfg.moe_ffn_hidden_size,
-        "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size or 0,
-        "moe_latent_size": cfg.moe_latent_size,
-        "moe_shared_expert_overlap": False,
-        "routed_scaling_factor": cfg.moe_router_topk_scaling_factor or 1.0,
-        "norm_topk_prob": cfg.moe_router_topk > 1,
-        "n_group": 1,
-        "topk_group": 1,
-        "layer_norm_epsilon": cfg.layernorm_epsilon,
-        "initializer_range": cfg.init_method_std,
-        "residual_in_fp32": True,
-        "num_nextn_predict_layers": 0,  # MTP export arrives with hymoe.model.mtp
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def model_config_from_hf(hf: dict, name: str = "hf") -> tuple[ModelConfig, int]:
-    """(ModelConfig, vocab_size) from a ``nemotron_h`` config.json dict; refuses what megatron-core
-    computes differently (see the module docstring)."""
-    if hf.get("model_type") != "nemotron_h":
-        raise HFConversionError(f"model_type: expected 'nemotron_h', got {hf.get('model_type')!r}")
-    types = hf.get("layers_block_type") or hf.get("layer_types")
-    if types is None:
-        pattern = hf["hybrid_override_pattern"]
-    else:
-        unknown = sorted(set(types) - set(_SYMBOL))
-        if unknown:
-            raise HFConversionError(f"layers_block_type: unsupported layer types {unknown}")
-        pattern = "".join(_SYMBOL[t] for t in types)
-
-    def refuse(cond, key, why):
-        if cond:
-            raise HFConversionError(f"{key}={hf.get(key)!r}: {why}")
-
-    for key in ("use_bias", "mlp_bias", "attention_bias", "mamba_proj_bias"):
-        refuse(hf.get(key, False), key, "biases are not supported (Nemotron 3 has none)")
-    refuse(hf.get("mlp_hidden_act", "relu2") != "relu2", "mlp_hidden_act", "only relu2")
-    refuse(hf.get("mamba_hidden_act", "silu") != "silu", "mamba_hidden_act", "only silu")
-    refuse(hf.get("conv_kernel", 4) != 4, "conv_kernel", "the Mamba conv kernel is 4")
-    refuse(hf.get("n_group", 1) != 1 or hf.get("topk_group", 1) != 1, "n_group",
-           "group-limited routing differs between megatron-core and transformers; not supported")
-    topk = hf.get("num_experts_per_tok", 2)
-    norm = hf.get("norm_topk_prob", True)
-    if MOE in pattern:
-        refuse(topk > 1 and not norm, "norm_topk_prob",
-               "megatron-core always normalises sigmoid top-k weights when top-k > 1")
-        refuse(topk == 1 and norm, "norm_topk_prob",
-               "with top-1 megatron-core keeps the sigmoid score (HF would use 1.0)")
-        refuse(not hf.get("moe_shared_expert_intermediate_size"),
-               "moe_shared_expert_intermediate_size", "a shared expert is required")
-    eps = hf.get("layer_norm_epsilon", 1e-5)
-    mamba_heads = hf.get("mamba_num_heads", 128)
-    step_min = hf.get("time_step_min", 1e-3)
-    cfg = ModelConfig(
-        name=name,
-        pattern=pattern,
-        hidden_size=hf["hidden_size"],
-        vocab_size=hf["vocab_size"],
-        max_sequence_length=hf.get("max_position_embeddings", 4096),
-        layernorm_epsilon=eps,
-        init_method_std=hf.get("initializer_range", 0.02),
-        num_attention_heads=hf.get("num_attention_heads", 32),
-        num_query_groups=hf.get("num_key_value_heads") or hf.get("num_attention_heads", 32),
-        head_dim=hf.get("head_dim", 128),
-        ffn_hidden_size=hf.get("intermediate_size", 21504),
-        mamba_num_heads=mamba_heads,
-        mamba_head_dim=hf.get("mamba_head_dim", 64),
-        mamba_state_dim=hf.get("ssm_state_size", 128),
-        mamba_num_groups=hf.get("n_groups", 8),
-        mamba_chunk_size=hf.get("chunk_size", 128),
-        mamba_dt_min_clamp=0.0 if step_min <= 1e-20 else float(step_min),
-        num_experts=hf.get("n_routed_experts", 8),
-        moe_router_topk=topk,
-        moe_ffn_hidden_size=hf.get("moe_intermediate_size", 7688),
-        moe_shared_expert_intermediate_size=hf.get("moe_shared_expert_intermediate_size"),
-        moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        moe_latent_size=hf.get("moe_latent_size"),
-        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-    )
-    cfg.validate()
-    return cfg, hf["vocab_size"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,9 +98,42 @@ def _qkv_join(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfi
     return w.reshape(-1, h)
 
 
+def _layers(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    """(megatron prefix, HF prefix, symbol) of every layer, MTP included.
+
+    megatron-core 0.16.1's MTP block p holds one ``transformer_layer`` (attention + MoE/MLP); HF
+    flattens it into layers ``mtp.layers.{L·p}`` (attention) and ``{L·p + 1}`` (MoE/MLP), L = 2.
+    Both halves share the megatron prefix: their names (``input_layernorm``/``self_attention`` vs
+    ``pre_mlp_layernorm``/``mlp``) do not overlap."""
+    out = [(f"decoder.layers.{i}.", f"backbone.layers.{i}.", s)
+           for i, s in enumerate(cfg.layer_pattern)]
+    if cfg.mtp_depths:
+        block = cfg.mtp_depths[0]
+        for p in range(mtp_blocks(cfg)):
+            out += [(f"mtp.layers.{p}.transformer_layer.", f"mtp.layers.{len(block) * p + j}.", s)
+                    for j, s in enumerate(block)]
+    return out
+
+
+def _mtp_block_names(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(megatron, HF) names of the MTP weights outside the transformer layer: the embedding and
+    hidden-state norms and ``eh_proj`` [h, 2h] (input: [enorm(embedding), hnorm(hidden)], in that
+    order on both sides) on a block's first HF layer, ``final_layernorm`` on its last."""
+    if not cfg.mtp_depths:
+        return []
+    n, names = len(cfg.mtp_depths[0]), []
+    for p in range(mtp_blocks(cfg)):
+        names += [(f"mtp.layers.{p}.{w}.weight", f"mtp.layers.{n * p}.{w}.weight")
+                  for w in ("enorm", "hnorm", "eh_proj")]
+        names.append((f"mtp.layers.{p}.final_layernorm.weight",
+                      f"mtp.layers.{n * p + n - 1}.final_layernorm.weight"))
+    return names
+
+
 def megatron_to_hf_state(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF ``nemotron_h`` tensors (``backbone.*``, ``lm_head.weight``) from a full (TP=PP=EP=1)
-    megatron-core state dict of the hybrid model. Raises on missing or left-over weights."""
+    """HF ``nemotron_h`` tensors (``backbone.*``, ``mtp.*``, ``lm_head.weight``) from a full
+    (TP=PP=EP=1) megatron-core state dict of the hybrid model. Raises on missing or left-over
+    weights."""
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     out, used = {}, set()
 
@@ -244,8 +144,7 @@ def megatron_to_hf_state(state: dict, cfg: ModelConfig) -> dict[str, torch.Tenso
         used.add(src)
 
     take("embedding.word_embeddings.weight", "backbone.embeddings.weight")
-    for i, symbol in enumerate(cfg.layer_pattern):
-        src, dst = f"decoder.layers.{i}.", f"backbone.layers.{i}."
+    for src, dst, symbol in _layers(cfg):
         for a, b in _layer_names(symbol, cfg):
             take(src + a, dst + b)
         if symbol == ATTENTION:
@@ -255,6 +154,8 @@ def megatron_to_hf_state(state: dict, cfg: ModelConfig) -> dict[str, torch.Tenso
             out[dst + "mixer.q_proj.weight"] = q
             out[dst + "mixer.k_proj.weight"] = k
             out[dst + "mixer.v_proj.weight"] = v
+    for src, dst in _mtp_block_names(cfg):
+        take(src, dst)
     take("decoder.final_norm.weight", "backbone.norm_f.weight")
     if cfg.untie_embeddings_and_output_weights:
         take("output_layer.weight", "lm_head.weight")
@@ -263,7 +164,7 @@ def megatron_to_hf_state(state: dict, cfg: ModelConfig) -> dict[str, torch.Tenso
         # lm_head in the file it initialises a random head. Writing the (identical) head keeps
         # both kinds of reader right.
         out["lm_head.weight"] = out["backbone.embeddings.weight"].clone()
-    left = sorted(k for k in set(state) - used if not k.startswith("mtp."))
+    left = sorted(set(state) - used)
     if left:
         raise HFConversionError(f"megatron weights with no HF counterpart: {left[:8]}")
     return out
@@ -271,7 +172,8 @@ def megatron_to_hf_state(state: dict, cfg: ModelConfig) -> dict[str, torch.Tenso
 
 def hf_to_megatron_state(hf_state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of ``megatron_to_hf_state``. Accepts ``backbone.``/``model.`` prefixes and
-    stacked experts (``experts.up_proj`` [E, I, in]); ``mtp.*`` weights are left out."""
+    stacked experts (``experts.up_proj`` [E, I, in]). ``mtp.*`` weights are read when ``cfg``
+    has MTP depths and left out when it has none (transformers does the same)."""
     hf = {}
     for key, t in hf_state.items():
         key = re.sub(r"^(backbone|model)\.", "backbone.", key)
@@ -290,21 +192,26 @@ def hf_to_megatron_state(hf_state: dict, cfg: ModelConfig) -> dict[str, torch.Te
         used.add(src)
 
     take("backbone.embeddings.weight", "embedding.word_embeddings.weight")
-    for i, symbol in enumerate(cfg.layer_pattern):
-        src, dst = f"backbone.layers.{i}.", f"decoder.layers.{i}."
+    for ours, theirs, symbol in _layers(cfg):
         for a, b in _layer_names(symbol, cfg):
-            if symbol == MOE and b.endswith("e_score_correction_bias") and src + b not in hf:
-                out[dst + a] = torch.zeros(cfg.num_experts)
+            if symbol == MOE and b.endswith("e_score_correction_bias") and theirs + b not in hf:
+                out[ours + a] = torch.zeros(cfg.num_experts)
                 continue
-            take(src + b, dst + a)
+            take(theirs + b, ours + a)
         if symbol == ATTENTION:
-            qkv = [hf[src + f"mixer.{n}_proj.weight"] for n in "qkv"]
-            used.update(src + f"mixer.{n}_proj.weight" for n in "qkv")
-            out[dst + "self_attention.linear_qkv.weight"] = _qkv_join(*qkv, cfg)
+            names = [theirs + f"mixer.{n}_proj.weight" for n in "qkv"]
+            for name in names:
+                if name not in hf:
+                    raise HFConversionError(f"HF checkpoint has no {name!r}")
+            used.update(names)
+            out[ours + "self_attention.linear_qkv.weight"] = _qkv_join(*(hf[n] for n in names), cfg)
+    for ours, theirs in _mtp_block_names(cfg):
+        take(theirs, ours)
     take("backbone.norm_f.weight", "decoder.final_norm.weight")
     if cfg.untie_embeddings_and_output_weights:
         take("lm_head.weight", "output_layer.weight")
-    left = sorted(k for k in set(hf) - used if not k.startswith("mtp.") and k != "lm_head.weight")
+    left = sorted(k for k in set(hf) - used
+                  if k != "lm_head.weight" and (cfg.mtp_depths or not k.startswith("mtp.")))
     if left:
         raise HFConversionError(f"HF weights with no hymoe counterpart: {left[:8]}")
     return out
@@ -359,37 +266,6 @@ def read_hf_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def model_config_of(model) -> ModelConfig:
-    """The ModelConfig of a model built by ``hymoe.model.build.build_model`` (pp=1)."""
-    given = getattr(model, "hymoe_model_config", None)
-    if given is not None:
-        return given
-    tc = model.config
-    kw = dict(
-        pattern=model.hybrid_override_pattern, hidden_size=tc.hidden_size,
-        vocab_size=model.vocab_size, max_sequence_length=model.max_sequence_length,
-        layernorm_epsilon=tc.layernorm_epsilon, init_method_std=tc.init_method_std,
-        num_attention_heads=tc.num_attention_heads, num_query_groups=tc.num_query_groups,
-        head_dim=tc.kv_channels, ffn_hidden_size=tc.ffn_hidden_size,
-        mamba_num_heads=tc.mamba_num_heads, mamba_head_dim=tc.mamba_head_dim,
-        mamba_state_dim=tc.mamba_state_dim, mamba_num_groups=tc.mamba_num_groups,
-        mamba_chunk_size=getattr(tc, "hymoe_mamba_chunk_size", 128),
-        untie_embeddings_and_output_weights=not model.share_embeddings_and_output_weights,
-    )
-    mixers = [m for m in model.modules() if hasattr(m, "dt_limit") and hasattr(m, "A_log")]
-    if mixers:
-        kw["mamba_dt_min_clamp"] = float(mixers[0].dt_limit[0])
-    if tc.num_moe_experts:
-        kw.update(
-            num_experts=tc.num_moe_experts, moe_router_topk=tc.moe_router_topk,
-            moe_ffn_hidden_size=tc.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=tc.moe_shared_expert_intermediate_size,
-            moe_router_topk_scaling_factor=tc.moe_router_topk_scaling_factor,
-            moe_latent_size=tc.moe_latent_size,
-        )
-    return ModelConfig(**kw)
-
-
 def to_hf(
     model_or_state,
     path: str | os.PathLike,
@@ -433,11 +309,13 @@ def to_hf(
     return path
 
 
-def load_hf(path: str | os.PathLike) -> tuple[ModelConfig, int, dict[str, torch.Tensor]]:
-    """(ModelConfig, vocab_size, megatron state dict) of an HF ``nemotron_h`` folder."""
+def load_hf(path: str | os.PathLike, mtp_depths: Optional[int] = None
+            ) -> tuple[ModelConfig, int, dict[str, torch.Tensor]]:
+    """(ModelConfig, vocab_size, megatron state dict) of an HF ``nemotron_h`` folder.
+    ``mtp_depths``: depths of a shared MTP block (see ``model_config_from_hf``)."""
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
-    cfg, vocab = model_config_from_hf(hf, name=path.name)
+    cfg, vocab = model_config_from_hf(hf, name=path.name, mtp_depths=mtp_depths)
     return cfg, vocab, hf_to_megatron_state(read_hf_state(path), cfg)
 
 
@@ -488,10 +366,13 @@ def load_into(model, state: dict) -> None:
         )
 
 
-def from_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """A hymoe (megatron-core) model with the weights of an HF ``nemotron_h`` folder, built on CPU
-    in this process. Its ModelConfig is ``model.hymoe_model_config``."""
-    cfg, vocab, state = load_hf(path)
+def from_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+            mtp_depths: Optional[int] = None):
+    """A hymoe (megatron-core) model with the weights of an HF ``nemotron_h`` folder, MTP
+    included, built on CPU in this process. Its ModelConfig is ``model.hymoe_model_config``.
+    ``mtp_depths``: depths of a shared MTP block; the released Super checkpoint does not record
+    them (it was trained with 2)."""
+    cfg, vocab, state = load_hf(path, mtp_depths=mtp_depths)
     model = build_single_process(cfg, vocab, dtype=dtype, initialize=False)
     load_into(model, {k: v.to(dtype) if k.split(".")[-1] not in _FP32_KEYS else v
                       for k, v in state.items()})
@@ -515,5 +396,7 @@ def checkpoint_to_hf(checkpoint: str | os.PathLike, model_cfg: ModelConfig, voca
     return to_hf(model, out, model_cfg=model_cfg, vocab_size=vocab_size, dtype=dtype)
 
 
-__all__ = ["to_hf", "from_hf", "load_hf", "checkpoint_to_hf", "hf_config", "model_config_from_hf",
+# HFConversionError is hf_config.py's, listed here too: everything in this file raises it, so
+# callers of to_hf/from_hf catch it from here.
+__all__ = ["to_hf", "from_hf", "load_hf", "checkpoint_to_hf", "build_single_process", "load_into",
            "megatron_to_hf_state", "hf_to_megatron_state", "read_hf_state", "HFConversionError"]

@@ -8,13 +8,23 @@ depth losses are averaged and scaled by ``mtp_loss_scale`` into the main loss (m
 ``MTPLossAutoScaler``), and reported separately (``mtp_report``).
 
 With ``mtp_shared_layer`` every depth runs the same layer (same parameters), as in Super (2 depths
-sharing one layer). MTP runs on the last pipeline stage; hymoe supports it with pp = 1 for now.
+sharing one layer).
+
+MTP runs on the last pipeline stage and embeds tokens there. With pp > 1 that stage holds a copy of
+the first stage's input embedding, as megatron-core's GPTModel does: the copy starts equal to the
+first stage's (an all-reduce over megatron's embedding group at build time), its gradient is summed
+with the first stage's by megatron's ``finalize_model_grads`` (``shared_embedding_or_output_weight``
+names it), so both copies take the same optimizer steps; it is left out of the gradient norm
+(``shared``) and saved as a replica of the first stage's checkpoint entry. With tied output weights
+the copy is also the output weight of that stage.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.mamba.mamba_model import MambaModel
 from megatron.core.transformer.multi_token_prediction import (
     MTPLossAutoScaler,
@@ -23,14 +33,17 @@ from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionLayer,
     MultiTokenPredictionLayerSubmodules,
     roll_tensor,
+    tie_word_embeddings_state_dict,
 )
 from megatron.core.ssm.mamba_block import MambaStackSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from hymoe.model.chunked_loss import chunked_language_model_loss
 from hymoe.model.norm import RMSNorm
 from hymoe.parallel import context
+from hymoe.parallel.setup import device
 from hymoe.model.pattern import MOE
 
 
@@ -89,6 +102,16 @@ class SharedLayerMTPBlock(MultiTokenPredictionBlock):
         return torch.cat(outputs, dim=0)
 
 
+def _same_document(seq_idx: torch.Tensor, depth: int) -> torch.Tensor:
+    """float [b, S/cp] (this CP rank's positions): 1 where MTP depth ``depth`` may predict from
+    position i, i.e. tokens i … i+depth lie in one packed document. Its target, token i+depth+1,
+    may then open the next document only after an EOD, as the main loss's does; a target further
+    into another document would be predicted from that document's tokens (the rolled inputs)."""
+    same = torch.zeros(seq_idx.shape, dtype=torch.float32, device=seq_idx.device)
+    same[:, :-depth] = (seq_idx[:, depth:] == seq_idx[:, :-depth]).float()
+    return context.shard_sequence(same)
+
+
 class HybridModel(MambaModel):
     """megatron-core's MambaModel plus an optional MTP block (training forward only) and
     document-aware packing (``seq_idx``)."""
@@ -99,6 +122,10 @@ class HybridModel(MambaModel):
 
             self._mixers = [m for m in self.decoder.modules() if isinstance(m, MambaMixer)]
         return self._mixers
+
+    # MambaModel.__init__ ends by tying the embedding across pipeline stages; HybridModel's own
+    # __init__ does that instead, once the MTP stage's embedding copy exists.
+    _stage_built = False
 
     def __init__(self, *args, mtp_layer_spec: ModuleSpec | None = None, mtp_depths: int = 0,
                  mtp_shared_layer: bool = False, **kwargs):
@@ -119,6 +146,81 @@ class HybridModel(MambaModel):
                     pg_collection=self.pg_collection,
                 )
             self.mtp_report = torch.zeros(mtp_depths, 2, dtype=torch.float64)
+            if not self.pre_process:
+                # MTP embeds tokens i+k here, on the last stage: a copy of the first stage's
+                # embedding (its values come from there in setup_embeddings_and_output_layer).
+                self.embedding = LanguageModelEmbedding(
+                    config=self.config, vocab_size=self.vocab_size,
+                    max_sequence_length=self.max_sequence_length,
+                    position_embedding_type=self.position_embedding_type,
+                    scatter_to_sequence_parallel=kwargs.get(
+                        "scatter_embedding_sequence_parallel", True),
+                    tp_group=self.pg_collection.tp,
+                )
+                if self.share_embeddings_and_output_weights:
+                    # The copy is the tied output weight too (megatron's convention for an MTP
+                    # stage); the output layer's own weight would be a second, unused copy.
+                    self.output_layer.weight = None
+        self._stage_built = True
+        if self.pre_process or self.post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The weight tied or duplicated across pipeline stages: the input embedding on a stage
+        that has one (the first, and with MTP the last), else the output layer's."""
+        if self.pre_process or self.mtp_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """megatron-core's LanguageModule setup, which also sees the MTP stage's embedding copy:
+        when a weight lives on two pipeline stages (tied output weight, or MTP's embedding), the
+        later copy is zeroed and all-reduced over the embedding group, so both start as the first
+        stage's. The all-reduce runs on the run's device (megatron's moves the weight with
+        ``.cuda()``, which a CPU run lacks)."""
+        if not self._stage_built:
+            return
+        if self.pre_process or self.mtp_process:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        if self.post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+        if not (self.share_embeddings_and_output_weights or self.config.mtp_num_layers):
+            return
+        weight = self.shared_embedding_or_output_weight()
+        if self.config.pipeline_model_parallel_size == 1:
+            # Two layers add into one gradient: it must start from zero, not garbage.
+            weight.zero_out_wgrad = True
+            return
+        if self.pre_process:
+            weight.shared_embedding = True  # own gradient bucket under the distributed optimizer
+        else:
+            weight.data.fill_(0)
+            weight.shared = True  # the gradient norm counts the first stage's copy only
+            weight.shared_embedding = True
+        # One call per rank of the embedding group: its first stage's first chunk and its last
+        # stage's last chunk (the only chunks with pre_process / post_process).
+        group = self.embd_group
+        if (dist.is_initialized() and group is not None
+                and dist.get_rank() in dist.get_process_group_ranks(group)):
+            weight.data = weight.data.to(device())
+            dist.all_reduce(weight.data, group=group)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None):
+        """megatron-core's, plus the MTP stage's embedding copy saved under the first stage's key as
+        a replica (not written; loads the same tensor), as megatron's GPTModel does: a pp=1
+        checkpoint loads at any pp and back."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.mtp_process and not self.pre_process:
+            tie_word_embeddings_state_dict(
+                state, self.embedding.word_embeddings.weight,
+                f"{prefix}embedding.word_embeddings.weight",
+                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+            )
+        return state
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
                 inference_context=None, runtime_gather_output=None, *, loss_mask=None,
@@ -160,7 +262,11 @@ class HybridModel(MambaModel):
         for k in range(depths):
             mtp_labels, _ = roll_tensor(mtp_labels, shifts=-1, dims=-1, cp_group=self.cp_group)
             mask, num_tokens = roll_tensor(mask, shifts=-1, dims=-1, cp_group=self.cp_group)
-            loss = self.language_model_loss(chunks[k + 1], mtp_labels) * mask
+            keep = mask
+            if seq_idx is not None:
+                keep = mask * _same_document(seq_idx, k + 1).to(mask.device)
+                num_tokens = keep.sum()
+            loss = self.language_model_loss(chunks[k + 1], mtp_labels) * keep
             self.mtp_report[k, 0] += float(loss.detach().sum())
             self.mtp_report[k, 1] += float(num_tokens)
             # Per-token loss accounting (calculate_per_token_loss): the sum, not the mean.

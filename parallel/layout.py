@@ -1,8 +1,9 @@
 """Parallel layout: how the world of ranks is split into TP × CP × DP × PP (and EP over TP·CP·DP).
 
 Names and rules follow megatron-core, so a user can map ``parallel.*`` onto Megatron-LM flags:
-tp ↔ --tensor-model-parallel-size, pp ↔ --pipeline-model-parallel-size, ep ↔
---expert-model-parallel-size, cp ↔ --context-parallel-size, dp inferred from the world size.
+tp ↔ --tensor-model-parallel-size, pp ↔ --pipeline-model-parallel-size, vpp ↔
+--num-virtual-stages-per-pipeline-rank, ep ↔ --expert-model-parallel-size, cp ↔
+--context-parallel-size, dp inferred from the world size.
 Every impossible combination fails here, at start-up, with the field and the reason.
 """
 
@@ -37,6 +38,10 @@ class ModelDims:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    # Virtual pipeline stages per pp rank (megatron's virtual_pipeline_model_parallel_size; 1: no
+    # interleaving): each rank holds vpp model chunks, chunk v of rank r being virtual stage
+    # v·pp + r.
+    vpp: int = 1
     ep: int = 1
     # Tensor parallelism inside each expert (megatron's expert_tensor_parallel_size); null: tp when
     # ep = 1 (megatron's default), else 1 (whole experts, split over ep: experts are small).
@@ -69,10 +74,12 @@ class ParallelConfig:
         def fail(field, msg):
             raise LayoutError(f"parallel.{field}: {msg}")
 
-        for field in ("tp", "pp", "ep", "cp"):
+        for field in ("tp", "pp", "vpp", "ep", "cp"):
             v = getattr(self, field)
             if not isinstance(v, int) or v < 1:
                 fail(field, f"must be a positive integer, got {v!r}")
+        if self.vpp > 1 and self.pp == 1:
+            fail("vpp", f"vpp={self.vpp} interleaves pipeline stages and needs pp > 1")
         if self.moe_dispatcher not in ("alltoall", "allgather"):
             fail("moe_dispatcher", f"must be alltoall or allgather, got {self.moe_dispatcher!r}")
         if dims is not None:
@@ -158,7 +165,14 @@ class ParallelConfig:
         elif self.ep > 1:
             fail("ep", f"ep={self.ep} but the model has no MoE layers")
         if d.stages and len(d.stages) > 1:
-            if len(d.stages) != self.pp:
+            if self.vpp > 1 and len(d.stages) != self.pp * self.vpp:
+                fail(
+                    "vpp",
+                    f"the pattern has {len(d.stages)} '|'-separated stages but pp·vpp = "
+                    f"{self.pp}·{self.vpp} = {self.pp * self.vpp} virtual stages; with vpp each "
+                    "'|' part is one virtual stage",
+                )
+            if len(d.stages) != self.pp * self.vpp:
                 fail(
                     "pp",
                     f"the pattern has {len(d.stages)} '|'-separated stages but pp={self.pp}",
@@ -177,3 +191,28 @@ class ParallelConfig:
             )
         if d.num_layers % self.pp:
             fail("pp", f"pp={self.pp} does not divide the {d.num_layers} layers of the pattern")
+        if d.num_layers % (self.pp * self.vpp):
+            fail(
+                "vpp",
+                f"pp·vpp = {self.pp}·{self.vpp} virtual stages do not divide the {d.num_layers} "
+                f"layers of the pattern (each virtual stage needs the same number, at least one)",
+            )
+
+    def check_microbatches(self, num_microbatches: int) -> None:
+        """megatron-core's interleaved schedule runs microbatches in groups of pp per virtual
+        stage (``microbatch_group_size_per_vp_stage``, default pp) and refuses other counts."""
+        if self.vpp > 1 and num_microbatches % self.pp:
+            raise LayoutError(
+                f"parallel.vpp: the interleaved schedule needs the microbatches per step, "
+                f"global_batch/(micro_batch·dp) = {num_microbatches}, to be a multiple of "
+                f"pp={self.pp}"
+            )
+
+
+def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, vp_stage: int) -> range:
+    """The model layers (0-based) of model chunk ``vp_stage`` on pipeline rank ``pp_rank``:
+    virtual stage vp_stage·pp + pp_rank of pp·vpp equal ones — the placement megatron-core's
+    interleaved schedule and its transformer layers (``get_transformer_layer_offset``) assume."""
+    per_stage = num_layers // (pp * vpp)
+    start = (vp_stage * pp + pp_rank) * per_stage
+    return range(start, start + per_stage)

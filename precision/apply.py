@@ -13,7 +13,7 @@ from hymoe.precision import nvfp4
 from hymoe.precision.config import PrecisionConfig
 from hymoe.precision.emulated_linear import NVFP4Recipe, quantized_linear
 from hymoe.precision.policy import decide, layer_index
-from hymoe.precision.rng import StochasticRoundingRNG
+from hymoe.precision.rng import StochasticRoundingRNG, derive_seed
 from hymoe.precision.telemetry import Telemetry
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
@@ -98,7 +98,10 @@ def apply_precision(
     nvfp4.set_compile(cfg.compile_quantizer)
     rank = dist.get_rank() if dist.is_initialized() else 0
     # The generator lives where the tensors are quantized (torch.rand needs the same device type).
-    rng = StochasticRoundingRNG(seed, rank=rank, device=device())
+    # A rank's model chunks (virtual pipeline stages) draw from distinct streams.
+    chunk = getattr(model, "vp_stage", None) or 0
+    rng = StochasticRoundingRNG(derive_seed(seed, chunk) if chunk else seed, rank=rank,
+                                device=device())
     recipe = NVFP4Recipe(
         disable_rht=cfg.disable_rht,
         disable_stochastic_rounding=cfg.disable_stochastic_rounding,

@@ -18,6 +18,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from . import nvfp4
+
 BLOCK = 32
 E4M3_MAX = 448.0
 E4M3_EMAX = 8  # floor(log2(448))
@@ -96,6 +98,10 @@ def quantize(x: torch.Tensor, *, scaling_mode: str = "floor") -> MXFP8Tensor:
     if not x.is_floating_point():
         raise TypeError(f"MXFP8 quantize needs a floating-point tensor, got {x.dtype}")
     shape = x.shape
+    kernels = nvfp4.triton_for(x)  # CUDA: the Triton kernel, same bits (nvfp4.py's switch)
+    if kernels is not None:
+        data, scale = kernels.mxfp8_quantize(x, scaling_mode)
+        return MXFP8Tensor(data=data, scale=scale, shape=shape)
     xf = x.to(torch.float32).contiguous()
     extra = -xf.shape[-1] % BLOCK
     if extra:

@@ -5,6 +5,8 @@ Bit-for-bit the codes and scales of Transformer Engine's NVFP4 recipe (TE 2.20),
 against TE's reference quantizer in tests/test_nvfp4_te_reference.py). Pure PyTorch, vectorised,
 CPU or GPU; all arithmetic in FP32 like TE's reference. Stochastic rounding draws from a
 `torch.Generator`, so it is distributed like TE's but not bit-identical to its in-kernel RNG.
+On CUDA, quantize and dequantize run Triton kernels with the same bits (triton_kernels.py; see
+`triton_for` at the end of this file); on CPU large tensors may run torch.compile'd (`_kernel`).
 
 Layout (x has shape [..., K]; Kp = K rounded up to a multiple of 16, Mp likewise for 2D):
 - `data`: uint8 [..., Kp/2], two E2M1 codes per byte: element 2i low nibble, 2i+1 high nibble.
@@ -220,6 +222,11 @@ class NVFP4Tensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """x̂ = value(code)·float(scale)·D in float32, cast to `dtype`; the original shape."""
+        kernels = triton_for(self.data)
+        if kernels is not None:
+            return kernels.nvfp4_dequantize(
+                self.data, self.scale, self.global_amax, self.shape, self.two_d
+            ).to(dtype)
         # One row per 16-element block (a 2D tile's scale repeated on its 16 rows): the kernel
         # sees [blocks, 8] bytes whatever the tensor's shape (see `quantize`).
         data = self.data.reshape(-1, BLOCK // 2)
@@ -259,12 +266,19 @@ def quantize(
     shape = x.shape
     if rht:  # eager, in x's dtype, as TE's reference does (a compiled GEMM may sum differently)
         x = rht_transform(x)
+    # Uniforms are drawn here, outside any compiled or Triton code, one per padded element in
+    # row-major order, so every path consumes the generator identically.
+    padded = (*x.shape[:-1], x.shape[-1] + -x.shape[-1] % BLOCK)
+    if two_d:
+        padded = (padded[0] + -padded[0] % BLOCK, padded[1])
+    u = _uniforms(padded, generator, x.device) if stochastic else None
+    kernels = triton_for(x)
+    if kernels is not None:
+        data, scale, global_amax = kernels.nvfp4_quantize(x, u, two_d=two_d)
+        return NVFP4Tensor(data, scale, global_amax, shape, two_d=two_d, rht=rht)
     xf = _pad_to(x.to(torch.float32).contiguous(), -1, BLOCK)
     if two_d:
         xf = _pad_to(xf, 0, BLOCK)
-    # Uniforms are drawn here, outside any compiled code, one per padded element in row-major
-    # order, so the compiled and eager paths consume the generator identically.
-    u = _uniforms(xf.shape, generator, xf.device) if stochastic else None
     if two_d:
         data, scale, global_amax = _kernel("quantize_2d", xf)(xf, u)
     else:
@@ -323,7 +337,8 @@ def _dequantize_blocks(data: torch.Tensor, scale: torch.Tensor, global_amax: tor
 # bits are the same (inductor keeps IEEE division, no FMA contraction, no reassociation; checked by
 # tests/test_precision_compiled.py). It costs a compile of a few seconds per kernel variant and
 # process, so "auto" uses it only for tensors of at least COMPILE_MIN_NUMEL elements on CPU. CUDA
-# stays eager: inductor's Triton code is not yet checked bit for bit on a GPU.
+# tensors take hymoe's own Triton kernels instead (`triton_for`, end of file), whose bits are
+# checked; inductor's Triton code is not.
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_MIN_NUMEL = 1 << 18
 _compile_mode = os.environ.get("HYMOE_NVFP4_COMPILE", "auto")
@@ -384,3 +399,47 @@ def _try_compiled(name: str, key: tuple):
             return _EAGER[name](*args)
 
     return run
+
+
+# -- Triton kernels on CUDA ----------------------------------------------------------------------
+# CUDA tensors go through hymoe's Triton kernels (triton_kernels.py: one amax pass, one fused
+# quantize pass, one dequantize pass instead of ~25 eager kernels), bit-identical to the code above
+# (tests/test_precision_triton.py in Triton's interpreter; benchmarks/gpu_check.py on a GPU).
+# The one switch: HYMOE_TRITON=off, or set_triton("off"), forces the eager path (for debugging).
+# mxfp8.quantize asks the same `triton_for`.
+TRITON_MODES = ("auto", "off")
+
+
+def set_triton(mode: str) -> None:
+    """Triton kernels for CUDA tensors: "auto" (when triton imports) or "off" (always eager)."""
+    global _triton_mode
+    if mode not in TRITON_MODES:
+        raise ValueError(f"HYMOE_TRITON / triton mode must be one of {TRITON_MODES}, got {mode!r}")
+    _triton_mode = mode
+
+
+set_triton(os.environ.get("HYMOE_TRITON", "auto"))
+
+
+def triton_for(t: torch.Tensor):
+    """The Triton kernel module for tensor t, or None for the eager path: t on CUDA, non-empty,
+    mode "auto", triton importable, and not inside torch.compile (inductor fuses the eager code)."""
+    if (
+        _triton_mode == "off"
+        or t.device.type != "cuda"
+        or not t.numel()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    return _import_triton_kernels()
+
+
+@functools.cache
+def _import_triton_kernels():
+    # An optional dependency: triton without a working CUDA toolchain can raise RuntimeError.
+    try:
+        from . import triton_kernels
+    except (ImportError, RuntimeError) as e:
+        warnings.warn(f"hymoe: triton kernels unavailable ({e}); NVFP4/MXFP8 run eagerly on CUDA")
+        return None
+    return triton_kernels

@@ -2,9 +2,10 @@
 design promises, bad input stops at start-up with one line naming the field, resume continues."""
 
 import json
+import math
 
 import pytest
-from helpers import hymoe
+from helpers import hymoe, hymoe_torchrun
 
 BASE = ["train.steps=12", "optim.warmup_steps=2", "train.log_interval=4", "logging.progress=false",
         "train.global_batch=4", "train.micro_batch=2", "train.seq_len=64"]
@@ -120,6 +121,24 @@ def test_nvfp4_mtp_resume_repeats_stochastic_rounding(demo_data, tmp_path):
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "mtp_loss/depth1", "mtp_loss/depth2"):
         assert [m[key] for m in ma] == [m[key] for m in mb], key  # bitwise
+
+
+@pytest.mark.distributed
+def test_mtp_under_pipeline_parallelism_trains_and_resumes(demo_data, tmp_path):
+    """An MTP depth on the last of two pipeline stages, with tied embeddings: that stage embeds
+    MTP's tokens with its copy of the embedding (also its output weight), rank 0 (the first stage)
+    logs the MTP loss, and the checkpoint, where the copy is a replica of the first stage's
+    embedding, resumes."""
+    run = tmp_path / "run"
+    args = ["train", "tiny", *FAST, "train.steps=3", "parallel.pp=2", "model.pattern=M*EM-E/*E",
+            "model.untie_embeddings_and_output_weights=false", f"run.dir={run}", f"data.path={demo_data}"]
+    r = hymoe_torchrun(2, *args, "train.exit_at_step=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = hymoe_torchrun(2, *args)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    assert all(math.isfinite(m["mtp_loss/depth1"]) for m in rows)
 
 
 def test_nvfp4_telemetry_files(demo_data, tmp_path):

@@ -1,6 +1,7 @@
 """Packed documents stay independent through the whole hybrid stack with `train.document_masks`:
 changing document A never changes document B's losses (Mamba conv/scan state resets at the
-boundary, attention is masked to the document), while without masks it does."""
+boundary, attention is masked to the document), Multi-Token Prediction losses included, while
+without masks it does."""
 
 import json
 import subprocess
@@ -16,6 +17,11 @@ def test_document_b_does_not_see_document_a():
     assert d["masked_docA"] > 1e-3  # the perturbation is real
     assert d["masked"] < 1e-6, d
     assert d["unmasked"] > 1e-3, d  # and without masks information does cross
+    # MTP depth losses over document B: unchanged with masks (positions whose targets lie past
+    # the boundary are left out: depth d counts 23 - d positions of B's 23), changed without.
+    assert d["mtp_masked"] < 1e-6, d
+    assert d["mtp_unmasked"] > 1e-3, d
+    assert d["mtp_masked_tokens"] == [2 * (23 - 1), 2 * (23 - 2)]
 
 
 def test_training_with_document_masks(demo_data, tmp_path):

@@ -1,6 +1,7 @@
-"""A dist-checkpoint saved under TP=2 × EP=2 (LatentMoE hybrid, 2 gloo processes) converts to the
-HF nemotron_h format (hymoe.model.hf.checkpoint_to_hf: megatron-core reshards it onto one process),
-and transformers' NemotronHForCausalLM then gives the logits the parallel model computed."""
+"""A dist-checkpoint saved under TP=2 × EP=2 (LatentMoE hybrid with 2 MTP depths, 2 gloo
+processes) converts to the HF nemotron_h format (hymoe.model.hf.checkpoint_to_hf: megatron-core
+reshards it onto one process): transformers' NemotronHForCausalLM then gives the logits the
+parallel model computed, and the MTP weights (mtp.*) read back by from_hf give its MTP losses."""
 
 import pytest
 import torch
@@ -28,3 +29,10 @@ def test_tp2_ep2_checkpoint_to_hf(tmp_path):
         logits = model(ref["tokens"], use_cache=False).logits
     assert (logits - ref["logits"]).abs().max().item() <= 1e-4
     assert ref["logits"].abs().max() > 0.1
+    assert hf.read_hf_state(out).keys() >= {"mtp.layers.3.final_layernorm.weight",
+                                            "mtp.layers.2.eh_proj.weight"}
+    back = hf.from_hf(out)
+    with torch.no_grad():
+        back.eval()(ref["tokens"], None, None, labels=ref["labels"])
+    assert torch.allclose(back.mtp_report, ref["mtp_report"], rtol=1e-5)
+    assert ref["mtp_report"][:, 1].tolist() == [2 * 39, 2 * 38]

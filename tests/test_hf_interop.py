@@ -1,14 +1,15 @@
 """hymoe.model.hf against Hugging Face transformers' NemotronHForCausalLM (the oracle): a hymoe
 model exported with to_hf, and an HF model imported with from_hf, give the same fp32 logits
 (max abs diff <= 1e-4) on sequences longer than the Mamba chunk, with LatentMoE, several Mamba
-groups, a non-zero routing bias and non-trivial norm weights. One process, CPU."""
+groups, a non-zero routing bias and non-trivial norm weights. One process, CPU. The config.json
+rules (hymoe.model.hf_config) are tested here too: what is refused, and MTP depths."""
 
 import json
 
 import pytest
 import torch
 
-from hymoe.model import hf
+from hymoe.model import hf, hf_config
 from hymoe.model.config import ModelConfig
 
 TOL = 1e-4
@@ -149,10 +150,10 @@ def test_top1_tied_embeddings_sharded_files(tmp_path, transformers_h):
     ({"model_type": "llama"}, "model_type"),
 ])
 def test_unsupported_hf_configs_are_refused_naming_the_field(change, field):
-    config = hf.hf_config(CFG, VOCAB)
+    config = hf_config.hf_config(CFG, VOCAB)
     config.update(change)
-    with pytest.raises(hf.HFConversionError, match=field):
-        hf.model_config_from_hf(config)
+    with pytest.raises(hf_config.HFConversionError, match=field):
+        hf_config.model_config_from_hf(config)
 
 
 def test_qkv_interleave_round_trip():
@@ -164,3 +165,163 @@ def test_qkv_interleave_round_trip():
     assert torch.equal(q[3:6], qkv[3:6]) and torch.equal(q[6:9], qkv[12:15])
     assert torch.equal(k[:3], qkv[6:9]) and torch.equal(v[3:6], qkv[21:24])
     assert torch.equal(hf._qkv_join(q, k, v, cfg), qkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-Token Prediction: mtp.* as the released Nemotron 3 Super checkpoint names it
+# ---------------------------------------------------------------------------------------------
+def _mtp_cfg(depth, shared):
+    from dataclasses import replace
+
+    return replace(CFG, pattern=f"{CFG.pattern}/{depth}/{depth}", mtp_shared_layer=shared,
+                   mtp_loss_scale=0.25)
+
+
+def rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def reference_mtp_losses(NemotronH, theirs, hf_dir, tmp_path, tok, labels, depths):
+    """Per-depth MTP loss sums computed from the exported tensors the way vLLM's nemotron_h_mtp
+    runs them, with transformers' own layers: depth k feeds eh_proj([enorm(emb(t_{i+k})),
+    hnorm(h_i)]) through HF layers mtp.layers.{2p}, {2p+1} (+ final_layernorm), then lm_head.
+    Each block is loaded by transformers as a 2-layer nemotron_h whose norm_f is final_layernorm."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    written = hf.read_hf_state(hf_dir)
+    block, blocks = config["mtp_layers_block_type"], config["num_nextn_predict_layers"]
+    head_cfg = {k: v for k, v in config.items()
+                if k not in ("hybrid_override_pattern", "num_hidden_layers")}
+    head_cfg.update(layers_block_type=block, num_nextn_predict_layers=0)
+    heads = []
+    for p in range(blocks):
+        folder = tmp_path / f"mtp_head_{p}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(head_cfg))
+        tensors = {"backbone.embeddings.weight": written["backbone.embeddings.weight"],
+                   "lm_head.weight": written["lm_head.weight"],
+                   "backbone.norm_f.weight":
+                       written[f"mtp.layers.{2 * p + 1}.final_layernorm.weight"]}
+        for j in range(2):
+            prefix = f"mtp.layers.{2 * p + j}."
+            tensors.update({f"backbone.layers.{j}." + k[len(prefix):]: v
+                            for k, v in written.items() if k.startswith(prefix)
+                            and k.split(".")[3] in ("norm", "mixer")})
+        hf._write_safetensors(tensors, folder, 2**40)
+        heads.append(NemotronH.from_pretrained(folder, dtype=torch.float32).eval())
+    eps, s = config["layer_norm_epsilon"], tok.shape[1]
+    losses = []
+    with torch.no_grad():
+        hidden = theirs.model(tok, use_cache=False).last_hidden_state  # after norm_f
+        for k in range(1, depths + 1):
+            p = 0 if blocks == 1 else k - 1  # a shared block runs at every depth
+            pre = f"mtp.layers.{2 * p}."
+            emb = written["backbone.embeddings.weight"][torch.roll(tok, -k, dims=1)]
+            x = torch.cat([rms(emb, written[pre + "enorm.weight"], eps),
+                           rms(hidden, written[pre + "hnorm.weight"], eps)], dim=-1)
+            x = x @ written[pre + "eh_proj.weight"].T
+            hidden = heads[p].model(inputs_embeds=x, use_cache=False).last_hidden_state
+            logits = heads[p].lm_head(hidden)
+            # Position i predicts token i+k+1 (= labels[i+k]); the last k positions have none.
+            losses.append(torch.nn.functional.cross_entropy(
+                logits[:, :s - k].reshape(-1, VOCAB), labels[:, k:].reshape(-1), reduction="sum"))
+    return torch.stack(losses)
+
+
+def hymoe_losses(model, tok, labels):
+    model.mtp_report.zero_()
+    with torch.no_grad():
+        loss = model.eval()(tok, None, None, labels=labels)
+    return loss, model.mtp_report.clone()
+
+
+@pytest.mark.parametrize("depth, shared", [("*E", True), ("*-", False)])
+def test_mtp_export_round_trip_and_transformers(tmp_path, transformers_h, depth, shared):
+    """Super's MTP (2 depths of one shared attention + LatentMoE block) and 2 independent
+    attention + MLP blocks: names and config as the released checkpoints have them; transformers
+    still loads the folder with the same logits; the round trip is bitwise (weights and MTP
+    losses); the exported MTP computes, in transformers' layers, the losses hymoe trains."""
+    _, NemotronH = transformers_h
+    cfg = _mtp_cfg(depth, shared)
+    model = hf.build_single_process(cfg, VOCAB, seed=11)
+    perturb(model, "expert_bias")
+    out = hf.to_hf(model, tmp_path / "hf")
+
+    config = json.loads((out / "config.json").read_text())
+    blocks = 1 if shared else 2
+    assert config["num_nextn_predict_layers"] == blocks  # physical blocks, as Super's config says
+    assert config["mtp_hybrid_override_pattern"] == depth
+    assert config["mtp_layers_block_type"] == ["full_attention", "moe" if depth == "*E" else "mlp"]
+    assert config["mtp_use_repeated_layer"] is shared and config["mtp_num_layers"] == 2
+    written = hf.read_hf_state(out)
+    last = 2 * blocks - 1
+    for name in ("mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight",
+                 "mtp.layers.0.eh_proj.weight", "mtp.layers.0.norm.weight",
+                 "mtp.layers.0.mixer.q_proj.weight", "mtp.layers.0.mixer.o_proj.weight",
+                 f"mtp.layers.{last}.norm.weight", f"mtp.layers.{last}.final_layernorm.weight"):
+        assert name in written, name
+    if depth == "*E":
+        for name in ("mixer.gate.e_score_correction_bias", "mixer.experts.7.up_proj.weight",
+                     "mixer.fc1_latent_proj.weight", "mixer.shared_experts.down_proj.weight"):
+            assert f"mtp.layers.1.{name}" in written, name
+    else:
+        assert "mtp.layers.3.mixer.up_proj.weight" in written
+    assert {int(k.split(".")[2]) for k in written if k.startswith("mtp.")} == set(range(2 * blocks))
+    assert written["mtp.layers.0.eh_proj.weight"].shape == (64, 128)
+
+    theirs = NemotronH.from_pretrained(out, dtype=torch.float32).eval()  # ignores mtp.*
+    tok = tokens(4, s=30)
+    assert (hymoe_logits(model, tok) - hf_logits(theirs, tok)).abs().max().item() <= TOL
+
+    back = hf.from_hf(out)
+    got = back.hymoe_model_config
+    assert (got.pattern, got.mtp_shared_layer, got.mtp_loss_scale) == (cfg.pattern, shared, 0.25)
+    mine = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    theirs_back = {k: v for k, v in back.state_dict().items() if not k.endswith("_extra_state")}
+    assert set(mine) == set(theirs_back)
+    for k, v in mine.items():
+        assert torch.equal(theirs_back[k], v), k
+    labels = tokens(5, s=30)
+    loss, report = hymoe_losses(model, tok, labels)
+    loss2, report2 = hymoe_losses(back, tok, labels)
+    assert torch.equal(loss, loss2) and torch.equal(report, report2)
+    assert report[:, 1].tolist() == [2 * 29, 2 * 28]  # tokens per depth: the last k have no target
+
+    expected = reference_mtp_losses(NemotronH, theirs, out, tmp_path, tok, labels, depths=2)
+    assert torch.allclose(report[:, 0].float(), expected, rtol=1e-5, atol=1e-4), (report, expected)
+    # The comparison is sensitive: swapping the embedding and hidden-state norms moves it.
+    written["mtp.layers.0.enorm.weight"], written["mtp.layers.0.hnorm.weight"] = (
+        written["mtp.layers.0.hnorm.weight"], written["mtp.layers.0.enorm.weight"])
+    hf._write_safetensors(written, out, 2**40)
+    (tmp_path / "swapped").mkdir()
+    swapped = reference_mtp_losses(NemotronH, theirs, out, tmp_path / "swapped", tok, labels,
+                                   depths=2)
+    assert not torch.allclose(report[:, 0].float(), swapped, rtol=1e-5, atol=1e-4)
+
+
+def test_mtp_config_of_the_released_super_checkpoint():
+    """Super's config.json has num_nextn_predict_layers=1 and mtp_hybrid_override_pattern="*E"
+    and nothing about its 2 training depths: one shared block, one depth unless asked for more."""
+    config = hf_config.hf_config(CFG, VOCAB)
+    config.update(num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E")
+    cfg, _ = hf_config.model_config_from_hf(config)
+    assert cfg.pattern == CFG.pattern + "/*E" and cfg.mtp_shared_layer
+    cfg, _ = hf_config.model_config_from_hf(config, mtp_depths=2)
+    assert cfg.pattern == CFG.pattern + "/*E/*E" and cfg.mtp_shared_layer
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"num_nextn_predict_layers": 2, "mtp_hybrid_override_pattern": "*E",
+      "mtp_use_repeated_layer": True}, "mtp_use_repeated_layer"),
+    ({"num_nextn_predict_layers": 1}, "mtp_hybrid_override_pattern"),
+    ({"num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "E"},
+     "mtp_hybrid_override_pattern"),
+    ({"num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E",
+      "mtp_layers_block_type": ["full_attention", "mlp"]}, "mtp_layers_block_type"),
+    ({"num_nextn_predict_layers": 2, "mtp_hybrid_override_pattern": "*E",
+      "mtp_num_layers": 3}, "mtp_num_layers"),
+])
+def test_unsupported_mtp_configs_are_refused_naming_the_field(change, field):
+    config = hf_config.hf_config(CFG, VOCAB)
+    config.update(change)
+    with pytest.raises(hf_config.HFConversionError, match=field):
+        hf_config.model_config_from_hf(config)

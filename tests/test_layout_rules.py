@@ -1,6 +1,7 @@
 """Layout rules that follow megatron-core 0.16.1 exactly: KV groups against TP, Mamba heads and
-groups against TP·CP, no virtual pipeline for the hybrid stack; the published Nemotron 3 layouts
-pass them; a model with fewer KV groups than TP ranks trains as it does without TP."""
+groups against TP·CP, virtual pipeline stages against the layers, the '|' marks and the
+microbatches; the published Nemotron 3 layouts pass them; a model with fewer KV groups than TP
+ranks trains as it does without TP."""
 
 import inspect
 import json
@@ -67,14 +68,57 @@ def test_published_layouts_pass(recipe, world, seq_len, layout):
     assert dp == world // (layout.tp * layout.cp * layout.pp)
 
 
-def test_megatron_core_has_no_virtual_pipeline_for_the_hybrid_stack():
-    """Why ParallelConfig has no vpp field: megatron-core 0.16.1's MambaStack asserts
-    virtual_pipeline_model_parallel_size is None when it splits layers over stages."""
+def test_hybrid_stack_places_virtual_stages_itself():
+    """megatron-core 0.16.1's MambaStack asserts virtual_pipeline_model_parallel_size is None when
+    it splits layers over stages; hymoe's HybridStack replaces that split, placing chunk v of rank r
+    at virtual stage v·pp + r as megatron's transformer layers number themselves."""
+    import torch
     from megatron.core.ssm.mamba_block import MambaStack
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from hymoe.model.build import HybridStack, build_transformer_config
+    from hymoe.model.config import ModelConfig
+    from hymoe.parallel.layout import chunk_layers
 
     src = inspect.getsource(MambaStack._select_layers_for_pipeline_parallel)
     assert "virtual_pipeline_model_parallel_size is None" in src
-    assert not hasattr(ParallelConfig(), "vpp")
+    assert "_select_layers_for_pipeline_parallel" in vars(HybridStack)
+    # pp=2, vpp=3, 12 layers: rank 0 holds layers 0-1, 4-5, 8-9; rank 1 holds 2-3, 6-7, 10-11.
+    config = build_transformer_config(ModelConfig(pattern="M*" * 6), pipeline_model_parallel_size=2,
+                                      virtual_pipeline_model_parallel_size=3,
+                                      pipeline_dtype=torch.float32)
+    for rank in range(2):
+        for v in range(3):
+            layers = chunk_layers(12, 2, 3, rank, v)
+            assert layers == range(4 * v + 2 * rank, 4 * v + 2 * rank + 2)
+            assert get_transformer_layer_offset(config, vp_stage=v, pp_rank=rank) == layers.start
+
+
+@pytest.mark.parametrize("layout, world, d, text", [
+    (ParallelConfig(vpp=2), 1, dims(), "needs pp > 1"),
+    (ParallelConfig(pp=2, vpp=3), 2, dims(), "do not divide the 4 layers"),
+    (ParallelConfig(pp=2, vpp=2), 2, dims(num_layers=4, stages=(2, 2)), "4 virtual stages"),
+    (ParallelConfig(pp=2, vpp=0), 2, dims(), "positive integer"),
+])
+def test_bad_virtual_pipeline_layouts_are_refused(layout, world, d, text):
+    msg = refused(layout, world, d)
+    assert msg.startswith("parallel.vpp:") and text in msg and "\n" not in msg, msg
+
+
+def test_virtual_pipeline_needs_microbatches_in_multiples_of_pp():
+    assert ParallelConfig(pp=2, vpp=2).validate(2, dims()) == 1
+    ParallelConfig(pp=2, vpp=2).check_microbatches(4)
+    with pytest.raises(LayoutError, match=r"^parallel\.vpp: .* = 3, to be a multiple of pp=2$"):
+        ParallelConfig(pp=2, vpp=2).check_microbatches(3)
+
+
+def test_cli_refuses_a_bad_virtual_pipeline_in_one_line():
+    # tiny has 6 layers: pp·vpp = 4 virtual stages cannot hold them equally.
+    r = hymoe("train", "tiny", "parallel.pp=2", "parallel.vpp=2", "--print-config",
+              env={"WORLD_SIZE": "2"})
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hymoe: error: parallel.vpp:"), r.stderr
 
 
 def test_cli_refuses_kv_groups_that_do_not_divide_tp():

@@ -1,10 +1,12 @@
-"""megatron-core on CPU over gloo: TP=2, EP=2 (alltoall), PP=2 (1F1B), CP=2 and DP=2 with the
-distributed optimizer, and the 4-process mixes TP2·EP2, PP2·DP2 and CP2·TP2, each train the tiny
-hybrid MoE (Mamba + attention + MoE + MLP) to the same per-step losses and grad norms as one
-process, from the same initial weights (a dist-checkpoint resharded on load). The first step's
-gradients are compared per parameter kind as well. Context-parallel layouts also run with packed
-documents (Mamba state resets and attention masks across the CP split), and every layout without
-PP also with LatentMoE and two Multi-Token Prediction depths (per-depth MTP losses included)."""
+"""megatron-core on CPU over gloo: TP=2, EP=2 (alltoall), PP=2 (1F1B; and interleaved, 2 virtual
+stages per rank), CP=2 and DP=2 with the distributed optimizer, and the 4-process mixes TP2·EP2,
+PP2·DP2 and CP2·TP2, each train the tiny hybrid MoE (Mamba + attention + MoE + MLP) to the same
+per-step losses and grad norms as one process, from the same initial weights (a dist-checkpoint
+resharded on load). The first step's gradients are compared per parameter kind as well.
+Context-parallel layouts also run with packed documents (Mamba state resets and attention masks
+across the CP split; MTP kept within documents), and every layout without virtual pipeline stages also with LatentMoE and
+two Multi-Token Prediction depths (per-depth MTP losses included; under PP the last stage embeds
+MTP's tokens with its copy of the embedding)."""
 
 import json
 
@@ -13,7 +15,7 @@ from helpers import REPO, torchrun
 
 WORKER = REPO / "tests" / "distributed" / "equality_worker.py"
 RTOL = 1e-5
-TWO = ["tp2", "ep2", "pp2", "dp2_distopt", "cp2"]
+TWO = ["tp2", "ep2", "pp2", "pp2_vpp2", "dp2_distopt", "cp2"]
 FOUR = ["tp2_ep2", "pp2_dp2", "cp2_tp2"]
 
 
@@ -31,7 +33,7 @@ def results(tmp_path_factory):
 
 
 def _reference(name: str) -> str:
-    for suffix in ("_mtp", "_docs"):
+    for suffix in ("_docs_mtp", "_mtp", "_docs"):
         if name.endswith(suffix):
             return "reference" + suffix
     return "reference"
@@ -40,8 +42,8 @@ def _reference(name: str) -> str:
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "layout",
-    TWO + FOUR + ["cp2_docs", "cp2_tp2_docs"]
-    + [f"{name}_mtp" for name in TWO + FOUR if not name.startswith("pp")],
+    TWO + FOUR + ["cp2_docs", "cp2_tp2_docs", "cp2_docs_mtp", "cp2_tp2_docs_mtp"]
+    + [f"{name}_mtp" for name in TWO + FOUR if "vpp" not in name],
 )
 def test_layout_matches_single_process(results, layout):
     refs, layouts = results

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import hymoe, torchrun
 from hymoe.launch.hardware import GPUS, gpu
-from hymoe.launch.memory import all_stage_params, model_table, stage_memory
+from hymoe.launch.memory import all_stage_params, model_table, stage_layers, stage_memory
 from hymoe.launch.plan import plan
 from hymoe.launch.plan_cli import render
 from hymoe.model.counting import count_params, layer_params
@@ -69,7 +69,7 @@ def test_stage_parameters_add_up_to_the_model(name):
     table = model_table(cfg.model, cfg.precision)
     for layout in (ParallelConfig(), ParallelConfig(pp=2)):
         stages = all_stage_params(cfg.model, layout, 131072, table)
-        total = sum(s.dense + s.expert for s in stages)
+        total = sum(s.dense + s.expert - s.duplicate for s in stages)
         assert total == count_params(cfg.model, 131072)["total"]
     for s in set(cfg.model.layer_pattern):
         split = table["split"][s]
@@ -175,6 +175,8 @@ def test_table_shows_the_pinned_layout_with_its_rank(planned):
     rank, _ = rank_of(planned("nano_512k_h100"), 8, 8, 8, 4)
     command = "hymoe train nano_30b_a3b parallel.tp=8 parallel.pp=4 parallel.cp=8 parallel.ep=8"
     assert f"#{rank}: {command}" in text
+    line = next(x for x in text.splitlines() if x.startswith(f"#{rank}: "))
+    assert "train.seq_len=524288" in line  # the planned sequence length, not the recipe's
     assert "layouts pass the layout rules" in text
 
 
@@ -194,3 +196,30 @@ def test_cli_json():
 def test_cli_errors_name_the_option():
     r = hymoe("plan", "tiny", "--gpus", "8", "--gpu", "h100", "--seq-len", "100000000")
     assert r.returncode == 2 and "--seq-len" in r.stderr
+
+
+def test_virtual_pipeline_override_interleaves_every_candidate():
+    """parallel.vpp=2 lays each candidate out with two interleaved stages per rank: the bubble
+    shrinks with vpp, rank r holds virtual stages r and r + pp, and the first stage holds more
+    microbatches' activations than under 1F1B (megatron's interleaved warm-up)."""
+    cfg = recipe("nano_30b_a3b", "parallel.vpp=2")  # 52 layers: pp 2, 13, 26
+    result = plan(cfg, 64, gpu("h100"))
+    assert result.plans and result.rejected["parallel.vpp"]
+    for p in result.plans[:20]:
+        lay = p.layout
+        assert lay.vpp == 2 and lay.pp > 1 and 52 % (2 * lay.pp) == 0
+        assert p.num_micro % lay.pp == 0  # megatron's interleaved schedule refuses the rest
+        assert p.time["bubble"] == pytest.approx((lay.pp - 1) / (2 * p.num_micro + lay.pp - 1))
+        assert " parallel.vpp=2 " in p.overrides
+    tiny = recipe("tiny")  # 6 layers: pp=2, vpp=3 puts one layer in each virtual stage
+    layout = ParallelConfig(pp=2, vpp=3)
+    assert [[i for i, _ in st] for st in stage_layers(tiny.model, 2, 3)] == [[0, 2, 4], [1, 3, 5]]
+    table = model_table(tiny.model, tiny.precision)
+    stages = all_stage_params(tiny.model, layout, 131072, table)
+    total = sum(s.dense + s.expert for s in stages)  # untied, no MTP: no weight held twice
+    assert total == count_params(tiny.model, 131072)["total"]
+    kw = dict(seq_len=32, micro_batch=1, num_micro=8, vocab=512, precision=tiny.precision,
+              recompute="none")
+    flat, interleaved = (stage_memory(tiny.model, lay, 1, **kw)
+                         for lay in (ParallelConfig(pp=2), layout))
+    assert flat[0]["in_flight"] == 2 and interleaved[0]["in_flight"] == (2 + 2 * 2 + 1) / 3

@@ -1,6 +1,7 @@
 """Resume under another parallel layout: a checkpoint saved by one process (tp1·ep1·pp1) is loaded
-by 2 processes as tp2·ep2 and as pp2 — megatron-core reshards model and optimizer state on load —
-and training continues with the losses of an uninterrupted single-process run (fp32 tolerance)."""
+by 2 processes as tp2·ep2, as pp2 and as pp2 with 3 virtual stages per rank (interleaved: 6 model
+chunks of one layer) — megatron-core reshards model and optimizer state on load — and training
+continues with the losses of an uninterrupted single-process run (fp32 tolerance)."""
 
 import json
 import shutil
@@ -27,7 +28,8 @@ def runs(demo_data, tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.ep=2"], ["parallel.pp=2"]])
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.ep=2"], ["parallel.pp=2"],
+                                    ["parallel.pp=2", "parallel.vpp=3"]])
 def test_resume_on_another_layout(runs, demo_data, layout):
     base, straight, saved = runs
     run = base / ("resumed_" + "_".join(x.split("=")[0].split(".")[1] for x in layout))

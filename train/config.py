@@ -157,18 +157,19 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
     for name in ("steps", "global_batch", "micro_batch", "seq_len", "log_interval"):
         if getattr(t, name) < 1:
             fail(name, f"must be ≥ 1, got {getattr(t, name)}")
-    if cfg.model.mtp_depths and cfg.parallel.pp > 1:
-        # MTP lives on the last stage and needs the embedding there (not wired yet).
-        raise ConfigError(
-            "parallel.pp: Multi-Token Prediction (the '/' depths of model.pattern) runs with pp=1 "
-            "in hymoe for now; use tp/ep/cp/dp, or drop the MTP depths"
-        )
-    if t.document_masks and cfg.model.mtp_depths:
-        fail("document_masks", "is not supported together with MTP depths yet")
     if t.global_batch % (t.micro_batch * dp):
         fail(
             "global_batch",
             f"{t.global_batch} is not a multiple of micro_batch·dp = {t.micro_batch}·{dp}",
+        )
+    try:
+        cfg.parallel.check_microbatches(t.global_batch // (t.micro_batch * dp))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.mtp_depths and cfg.parallel.vpp > 1:
+        raise ConfigError(
+            "parallel.vpp: Multi-Token Prediction (the '/' depths of model.pattern) is not wired "
+            "for virtual pipeline stages yet; use vpp=1, or drop the MTP depths"
         )
     if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.steps:
         fail("exit_at_step", f"must be in 1..train.steps={t.steps}, got {t.exit_at_step}")

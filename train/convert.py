@@ -44,12 +44,14 @@ def to_hf(checkpoint: str, out: str, dtype: str = "bf16") -> Path:
     return checkpoint_to_hf(path, cfg, meta["vocab_size"], out, dtype=DTYPES[dtype])
 
 
-def from_hf(hf_dir: str, out: str) -> Path:
+def from_hf(hf_dir: str, out: str, mtp_depths: int | None = None) -> Path:
+    """``mtp_depths``: how many depths a shared MTP block runs (``hymoe.model.hf.from_hf``); the
+    number goes into ``model.yaml``'s pattern, which training reads."""
     from omegaconf import OmegaConf
 
     from hymoe.model.hf import build_single_process, load_hf, load_into
 
-    cfg, vocab, state = load_hf(hf_dir)
+    cfg, vocab, state = load_hf(hf_dir, mtp_depths=mtp_depths)
     model = build_single_process(cfg, vocab, initialize=False)
     load_into(model, state)
     out_path = Path(out)

@@ -28,9 +28,11 @@ def build_model_chunks(
     recompute: str = "none",
     recompute_modules=("core_attn",),
 ):
-    """Returns ([DDP-wrapped model], TransformerConfig). ``transform(model, config)`` runs before
-    wrapping (the precision layer swaps linear layers there). ``recompute``: none, selective
-    (megatron-core's, ``recompute_modules``) or full (hymoe's, every layer: ``HybridStack``)."""
+    """Returns ([DDP-wrapped model chunk], TransformerConfig): one chunk, or with virtual pipeline
+    stages (``layout.vpp``) one per virtual stage of this rank, in order. ``transform(model,
+    config)`` runs on each before wrapping (the precision layer swaps linear layers there).
+    ``recompute``: none, selective (megatron-core's, ``recompute_modules``) or full (hymoe's, every
+    layer: ``HybridStack``)."""
     selective = {}
     if recompute == "selective":
         selective = dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
@@ -38,6 +40,12 @@ def build_model_chunks(
         model_cfg,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        # Interleaved, one exchange sends an activation forward and a gradient back; at pp=2 both
+        # go to the same rank, and megatron's batched exchange posts them in the opposite order to
+        # that rank's receives, so an activation lands in a gradient's buffer (seen on gloo). Its
+        # unbatched exchange orders them by rank parity (Megatron-LM's default with vpp).
+        batch_p2p_comm=layout.vpp == 1,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
         context_parallel_size=layout.cp,
@@ -56,12 +64,21 @@ def build_model_chunks(
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     get_moe_layer_wise_logging_tracker().clear()
+    stages = [None] if layout.vpp == 1 else list(range(layout.vpp))
+    chunks = [_wrapped_chunk(model_cfg, config, layout, vocab_size, transform, vp_stage)
+              for vp_stage in stages]
+    config.finalize_model_grads_func = finalize_model_grads
+    return chunks, config
+
+
+def _wrapped_chunk(model_cfg, config, layout, vocab_size, transform, vp_stage):
     model = build_model(
         model_cfg,
         config,
         vocab_size=vocab_size,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
     )
     if transform is not None:
         transform(model, config)
@@ -82,5 +99,4 @@ def build_model_chunks(
     )
     ddp = DistributedDataParallel(config, ddp_config, model)
     ddp.broadcast_params()
-    config.finalize_model_grads_func = finalize_model_grads
-    return [ddp], config
+    return ddp

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
 
+import itertools
 import math
 
 import torch
@@ -113,6 +114,10 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    if len(model_chunks) > 1:
+        # megatron's interleaved schedule reads each model chunk's microbatches from the chunk's
+        # own iterator; every chunk sees the same ones (tee reads each from the stream once).
+        data_iterator = list(itertools.tee(data_iterator, len(model_chunks)))
     losses = get_forward_backward_func()(
         forward_step_func=partial(forward_step, poison=faults.due("nan_loss", step),
                                   document_masks=document_masks),
@@ -150,14 +155,22 @@ def _moe_aux_losses(num_microbatches: int) -> dict:
 
 
 def _mtp_losses(model_chunks) -> dict:
-    """Token-mean MTP loss per depth over the global batch (the model accumulates per microbatch)."""
-    for chunk in model_chunks:
-        model = getattr(chunk, "module", chunk)
-        report = getattr(model, "mtp_report", None)
-        if report is None:
-            continue
-        total = report.clone().to("cuda" if torch.cuda.is_available() else "cpu")
+    """Token-mean MTP loss per depth over the global batch. The model accumulates it per microbatch
+    on the last pipeline stage; like the LM loss, it is summed over DP there and sent to every
+    stage, so that rank 0 (the first stage) logs it."""
+    models = [getattr(chunk, "module", chunk) for chunk in model_chunks]
+    depths = max((getattr(m, "mtp_depths", 0) for m in models), default=0)
+    if not depths:
+        return {}
+    total = torch.zeros(depths, 2, dtype=torch.float64)
+    for report in (getattr(m, "mtp_report", None) for m in models):
+        if report is not None:
+            total += report
+            report.zero_()
+    total = total.to("cuda" if torch.cuda.is_available() else "cpu")
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        report.zero_()
-        return {f"mtp_loss/depth{k + 1}": float(s / max(n, 1.0)) for k, (s, n) in enumerate(total.tolist())}
-    return {}
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) > 1:
+        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    return {f"mtp_loss/depth{k + 1}": float(s / max(n, 1.0)) for k, (s, n) in enumerate(total.tolist())}

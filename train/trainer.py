@@ -173,7 +173,9 @@ class Trainer:
                 f"model: {cfg.model.pattern} · {n_params/1e6:.2f}M parameters on this rank · "
                 f"vocab {self.vocab_size} · dtype {str(self.dtype).replace('torch.', '')}"
                 + (" (fp32 compute on CPU)" if self.dtype == torch.float32 and not torch.cuda.is_available() else "")
-                + f" · dp={self.dp_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep} cp={cfg.parallel.cp}"
+                + f" · dp={self.dp_size} tp={cfg.parallel.tp} pp={cfg.parallel.pp}"
+                + (f" vpp={cfg.parallel.vpp}" if cfg.parallel.vpp > 1 else "")
+                + f" ep={cfg.parallel.ep} cp={cfg.parallel.cp}"
             )
             self.console.print(
                 f"precision: {cfg.precision.recipe} · {backend.reason} · "
@@ -364,7 +366,7 @@ def environment(trainer) -> dict:
         "python": platform.python_version(), "platform": platform.platform(),
         "host": platform.node(), "world_size": dist.get_world_size(),
         "layout": {"dp": trainer.dp_size, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                   "ep": cfg.parallel.ep, "cp": cfg.parallel.cp},
+                   "vpp": cfg.parallel.vpp, "ep": cfg.parallel.ep, "cp": cfg.parallel.cp},
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cuda": torch.version.cuda, "cpu_layer_active": not torch.cuda.is_available(),
         "packages": {p: version(p) for p in (

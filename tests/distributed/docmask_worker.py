@@ -34,6 +34,21 @@ def main():
             b = model(other[:, :-1], None, None, labels=other[:, 1:], seq_idx=idx)
             out[name] = float((a[:, cut:] - b[:, cut:]).abs().max())
             out[name + "_docA"] = float((a[:, :cut] - b[:, :cut]).abs().max())
+    # Multi-Token Prediction: the depth losses counted for document B (loss mask on B's positions)
+    # are the same whatever document A holds — MTP never predicts across the boundary from A.
+    cfg = ModelConfig(pattern="M*EM-*/*-/*-", mamba_chunk_size=8)
+    model = build_model(cfg, build_transformer_config(cfg, params_dtype=torch.float32), vocab_size=128)
+    model.eval()
+    on_b = (torch.arange(s) >= cut).float().expand(2, s)
+    with torch.no_grad():
+        for name, idx in (("mtp_masked", seq_idx), ("mtp_unmasked", None)):
+            reports = []
+            for t in (tokens, other):
+                model.mtp_report.zero_()
+                model(t[:, :-1], None, None, labels=t[:, 1:], loss_mask=on_b, seq_idx=idx)
+                reports.append(model.mtp_report.clone())
+            out[name] = float((reports[0] - reports[1]).abs().max())
+            out[name + "_tokens"] = reports[0][:, 1].tolist()
     print(json.dumps(out))
 
 

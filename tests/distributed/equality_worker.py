@@ -26,14 +26,16 @@ from hymoe.train.step import train_step
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 3, 4, 32, 256
 MODEL = ModelConfig(pattern="M*E-", num_experts=4, moe_router_topk=2)
 # The same stack with LatentMoE (experts at 32 < 64) plus two Multi-Token Prediction depths sharing
-# one attention+MoE layer (Super's arrangement); hymoe runs MTP with pp=1 for now (docs/model.md),
-# so pipeline layouts run only the plain model.
+# one attention+MoE layer (Super's arrangement). Under pp the last stage holds a copy of the input
+# embedding for MTP (hymoe.model.mtp), loaded from the same checkpoint entry as the first stage's.
 MTP_MODEL = ModelConfig(pattern="M*E-/*E/*E", num_experts=4, moe_router_topk=2, mtp_shared_layer=True,
                         moe_latent_size=32)
 LAYOUTS = {
     "tp2": ParallelConfig(tp=2),
     "ep2": ParallelConfig(ep=2, moe_dispatcher="alltoall"),
     "pp2": ParallelConfig(pp=2),
+    # Interleaved: each rank holds 2 chunks of 1 layer (rank 0: layers 0 and 2, rank 1: 1 and 3).
+    "pp2_vpp2": ParallelConfig(pp=2, vpp=2),
     "dp2_distopt": ParallelConfig(distributed_optimizer=True),
     "cp2": ParallelConfig(cp=2),
     # Four processes (run with `layouts4`): mixes of two axes.
@@ -102,7 +104,9 @@ def grad_norms_by_kind(chunks) -> dict:
             else:
                 replica = ps.get_data_parallel_rank(with_context_parallel=True) or (
                     ps.get_tensor_model_parallel_rank() if not getattr(p, "tensor_model_parallel", False) else 0)
-            if replica:
+            # A later pipeline stage's copy of the embedding (tied output weight, MTP) holds the
+            # same, already summed, gradient as the first stage's.
+            if replica or getattr(p, "shared", False):
                 continue
             key = re.sub(r"\.\d+\.", ".", name)
             sums[key] = sums.get(key, 0.0) + float(p.main_grad.double().pow(2).sum())
@@ -124,13 +128,18 @@ def main():
         results = {"reference": run(ParallelConfig(), init_dir, save_init=True),
                    "reference_docs": run(ParallelConfig(), init_dir, save_init=False, docs=True),
                    "reference_mtp": run(ParallelConfig(), mtp_init, save_init=True, model=MTP_MODEL)}
+        results["reference_docs_mtp"] = run(ParallelConfig(), mtp_init, save_init=False,
+                                            model=MTP_MODEL, docs=True)
     else:
         names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(LAYOUTS)
         results = {name: run(LAYOUTS[name], init_dir, save_init=False) for name in names}
         for name in names:
             if name in DOC_LAYOUTS:
                 results[name + "_docs"] = run(LAYOUTS[name], init_dir, save_init=False, docs=True)
-            if LAYOUTS[name].pp == 1:
+                # MTP keeps to documents too (no depth predicts across a boundary), across CP.
+                results[name + "_docs_mtp"] = run(LAYOUTS[name], mtp_init, save_init=False,
+                                                  model=MTP_MODEL, docs=True)
+            if LAYOUTS[name].vpp == 1:  # MTP with virtual pipeline stages is not wired yet
                 results[name + "_mtp"] = run(LAYOUTS[name], mtp_init, save_init=False, model=MTP_MODEL)
     if rank == 0:
         with open(os.path.join(workdir, f"{mode}.json"), "w") as f:
