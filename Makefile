@@ -21,8 +21,16 @@ $(VENV)/.installed: pyproject.toml
 # (tests/test_nvfp4_te_reference.py). TE has no CPU build, so only its plain-Python wheel is
 # fetched (1.2 MB, never installed); the test skips if this download is impossible.
 TE_WHEEL := $(HOME)/.cache/hymoe/transformer_engine-2.20.2-py3-none-any.whl
+# mamba-ssm's Triton SSD scan is checked against hymoe's in Triton's interpreter
+# (tests/test_ssd_kernels.py). Only its Python sources: PyPI has just its sdist (0.2 MB), built in
+# seconds with its CUDA extensions skipped (MAMBA_SKIP_CUDA_BUILD; MAMBA_FORCE_BUILD stops setup.py
+# looking for a prebuilt wheel online), against the installed torch (--no-build-isolation), and
+# without its dependencies (--no-deps: tilelang, quack-kernels, ... are for kernels hymoe does not
+# call; triton, einops come with hymoe). Not in pyproject's dev extra, which cannot carry these.
+MAMBA_SSM := mamba-ssm==2.3.2.post1
 oracles:
 	@test -f $(TE_WHEEL) || $(PIP) download --no-deps --only-binary=:all: -d $(dir $(TE_WHEEL)) transformer_engine==2.20.2 || echo "TE wheel not downloaded: its oracle test will skip"
+	@MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PIP) install --no-build-isolation --no-deps $(MAMBA_SSM) || echo "mamba-ssm not installed: tests/test_ssd_kernels.py's interpreted comparison will skip"
 
 # Prepare the embedded corpus, train the tiny hybrid MoE in BF16 and in emulated NVFP4,
 # and write the loss-curve comparison (runs/demo/).

@@ -1,6 +1,8 @@
 """The GPU checks behind `make gpu-check`: first the Triton quantization kernels
 (benchmarks/triton_check.py: bits against the eager path, quantize+dequantize throughput against a
-copy, an emulated NVFP4 linear step against BF16), then short training runs; each in its own process
+copy, an emulated NVFP4 linear step against BF16), then the Mamba-2 kernels
+(benchmarks/ssd_kernels_check.py: mamba-ssm's Triton SSD scan against hymoe's, outputs, gradients
+and forward+backward time at a Nano layer's shape), then short training runs; each in its own process
 with a timeout, the runs summarised from their ``metrics.jsonl``. benchmarks/gpu_check.sh prepares
 the Python environment and calls this; docs/benchmarks.md says what is measured and why.
 
@@ -37,6 +39,11 @@ CHECKS = [
 # The kernel check runs first (the NVFP4 runs use its kernels): (name, timeout_s). It is required:
 # different bits fail gpu-check; its throughput and step-time goals are reported, not enforced.
 KERNEL_CHECK = ("triton-kernels", 150)
+# The same for the Mamba-2 scan (name, timeout_s): most of its time is mamba-ssm's autotuning.
+SSD_KERNEL_CHECK = ("ssd-kernels", 150)
+# After the runs, if the budget still holds it: the planner's memory model (hymoe.launch.memory)
+# against torch.cuda's allocator on tiny_gpu (benchmarks/memory_check.py). Optional.
+MEMORY_CHECK = ("plan-memory", 120)
 # (emulated run, its BF16 baseline): step-time ratios for the summary.
 RATIOS = [("tiny-nvfp4", "tiny-bf16"), ("tiny_gpu-nvfp4", "tiny_gpu-bf16")]
 
@@ -62,6 +69,22 @@ def summarize_metrics(path: Path, warmup: int = WARMUP_STEPS) -> dict:
     }
 
 
+def run_child(cmd: list[str], timeout_s: float, log, **env) -> tuple[str, float]:
+    """Run ``cmd`` with its output in ``log``; kill its whole process group on timeout.
+    Returns (status, wall seconds)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
+    try:
+        rc = proc.wait(timeout=timeout_s)
+        status = "ok" if rc == 0 else f"failed (exit {rc})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        status = f"timed out after {timeout_s:.0f} s"
+    return status, round(time.monotonic() - t0, 1)
+
+
 def run_check(name, recipe, steps, overrides, timeout_s, work: Path, log) -> dict:
     """Train ``recipe`` for ``steps`` steps in a child process; kill its process group on
     timeout."""
@@ -75,19 +98,9 @@ def run_check(name, recipe, steps, overrides, timeout_s, work: Path, log) -> dic
     log.flush()
     print(f"[gpu-check] {name}: {recipe}, {steps} steps {' '.join(overrides)}"
           f" (timeout {timeout_s:.0f} s)", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout_s)
-        status = "ok" if rc == 0 else f"failed (exit {rc})"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        status = f"timed out after {timeout_s:.0f} s"
+    status, wall = run_child(cmd, timeout_s, log, WANDB_MODE="disabled")
     result = {"name": name, "recipe": recipe, "steps_asked": steps, "overrides": overrides,
-              "status": status, "wall_s": round(time.monotonic() - t0, 1)}
+              "status": status, "wall_s": wall}
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         result.update(summarize_metrics(metrics))
@@ -99,29 +112,20 @@ def run_check(name, recipe, steps, overrides, timeout_s, work: Path, log) -> dic
     return result
 
 
-def run_kernel_check(timeout_s, device: str, out: Path, log) -> dict:
-    """benchmarks/triton_check.py in a child process (killed on timeout); its report in "text"."""
-    name = KERNEL_CHECK[0]
-    report = out / "triton_check.json"
+def run_kernel_check(timeout_s, device: str, out: Path, log, name: str = KERNEL_CHECK[0],
+                     script: str = "triton_check.py", extra: tuple = ()) -> dict:
+    """benchmarks/<script> (triton_check.py, ssd_kernels_check.py, memory_check.py) in a child
+    process (killed on timeout); its report in "text"."""
+    report = out / script.replace(".py", ".json")
     report.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).with_name("triton_check.py")), "--device", device,
-           "--json", str(report)]
+    cmd = [sys.executable, str(Path(__file__).with_name(script)), "--device", device,
+           "--json", str(report), *extra]
     log.write(f"\n===== {name}: {' '.join(cmd[1:])} (timeout {timeout_s:.0f} s)\n")
     log.flush()
-    print(f"[gpu-check] {name}: benchmarks/triton_check.py --device {device}"
+    print(f"[gpu-check] {name}: benchmarks/{script} --device {device}"
           f" (timeout {timeout_s:.0f} s)", flush=True)
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        rc = proc.wait(timeout=timeout_s)
-        status = "ok" if rc == 0 else f"failed (exit {rc})"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        status = f"timed out after {timeout_s:.0f} s"
-    result = {"name": name, "recipe": "-", "status": status,
-              "wall_s": round(time.monotonic() - t0, 1)}
+    status, wall = run_child(cmd, timeout_s, log)
+    result = {"name": name, "recipe": "-", "status": status, "wall_s": wall}
     if report.exists():
         data = json.loads(report.read_text())
         result["text"] = data.pop("text", "")
@@ -190,6 +194,12 @@ def main(argv=None) -> int:
             device = "cuda" if not args.allow_cpu or _has_cuda() else "cpu"
             result = run_kernel_check(min(KERNEL_CHECK[1], max(left, 1)), device, out, log)
             results.append({**result, "required": True})
+        if not only or SSD_KERNEL_CHECK[0] in only:
+            left = deadline - time.monotonic()
+            device = "cuda" if not args.allow_cpu or _has_cuda() else "cpu"
+            result = run_kernel_check(min(SSD_KERNEL_CHECK[1], max(left, 1)), device, out, log,
+                                      SSD_KERNEL_CHECK[0], "ssd_kernels_check.py")
+            results.append({**result, "required": True})
         for name, recipe, steps, overrides, timeout_s, required in CHECKS:
             if only and name not in only:
                 continue
@@ -206,6 +216,20 @@ def main(argv=None) -> int:
                 extra.append("optim.warmup_steps=1")  # a recipe's warmup may exceed a short run
             result = run_check(name, recipe, steps, extra, min(timeout_s, left), args.work, log)
             results.append({**result, "required": required})
+        if not only or MEMORY_CHECK[0] in only:
+            left = deadline - time.monotonic()
+            name, timeout_s = MEMORY_CHECK
+            if left < timeout_s and not only:
+                status = f"skipped ({max(left, 0):.0f} s of budget left)"
+                print(f"[gpu-check] {name}: {status}", flush=True)
+                results.append({"name": name, "recipe": "tiny_gpu", "required": False,
+                                "status": status, "wall_s": 0})
+            else:
+                device = "cuda" if not args.allow_cpu or _has_cuda() else "cpu"
+                recipe = "tiny_gpu" if device == "cuda" else "tiny"
+                result = run_kernel_check(timeout_s, device, out, log, name, "memory_check.py",
+                                          ("--recipe", recipe, f"data.path={args.work / 'demo_data'}"))
+                results.append({**result, "recipe": recipe, "required": False})
 
     by_name = {r["name"]: r for r in results}
     ratios = {}

@@ -7,8 +7,10 @@
 #    wheels from benchmarks/wheels.sh (--no-index: the GPU machines cannot download) and hymoe -e.
 # 3. nvidia-smi, torch/CUDA and package versions; then benchmarks/gpu_check.py checks the Triton
 #    quantization kernels (benchmarks/triton_check.py: bits against the eager path, throughput
-#    against a copy, an NVFP4 linear step against BF16), trains tiny_gpu in BF16 for 50 steps, tiny in BF16 and in emulated NVFP4 for 20 steps each and, time allowing,
-#    tiny_gpu in NVFP4 for 20 steps, each with a timeout. The summary goes to $OUT/gpu_check.txt
+#    against a copy, an NVFP4 linear step against BF16) and the Mamba-2 SSD scan
+#    (benchmarks/ssd_kernels_check.py: mamba-ssm's Triton scan against hymoe's, and their times),
+#    trains tiny_gpu in BF16 for 50 steps, tiny in BF16 and in emulated NVFP4 for 20 steps each
+#    and, time allowing, tiny_gpu in NVFP4 for 20 steps, each with a timeout. The summary goes to $OUT/gpu_check.txt
 #    (with .json and the runs' .log) when OUT is set, else to stdout and $WORK.
 #
 # Environment: PYTHON (python3), HYMOE_WHEELS (.cache/gpu_wheels), HYMOE_GPU_CHECK_DIR (scratch,
@@ -140,7 +142,7 @@ LEFT=$((BUDGET - SECONDS - 15))
 [ "$LEFT" -gt 60 ] || die "setup took ${SECONDS} s of the ${BUDGET} s budget; no time left"
 ARGS=(--work "$WORK" --budget-s "$LEFT")
 [ -n "${OUT:-}" ] && ARGS+=(--out "$OUT")
-[ "$ALLOW_CPU" = 1 ] && ARGS+=(--allow-cpu --only triton-kernels,tiny-bf16,tiny-nvfp4 --steps 7)
+[ "$ALLOW_CPU" = 1 ] && ARGS+=(--allow-cpu --only triton-kernels,ssd-kernels,tiny-bf16,tiny-nvfp4 --steps 7)
 for line in "${HEADER[@]}"; do ARGS+=(--header "$line"); done
 say "setup took ${SECONDS} s; the checks get ${LEFT} s"
 timeout --kill-after=10 $((LEFT + 20)) "$PY" benchmarks/gpu_check.py "${ARGS[@]}"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Download, on a machine that reaches PyPI, the wheels that benchmarks/gpu_check.sh installs on a
 # GPU machine without network. That machine has Python 3.12, torch, numpy, safetensors, rich,
-# einops, psutil, matplotlib and PyYAML, but not megatron-core, hydra-core/omegaconf/antlr4 or
-# webdataset.
+# einops, psutil, matplotlib and PyYAML, but not megatron-core, hydra-core/omegaconf/antlr4,
+# webdataset or mamba-ssm.
 #
 #   bash benchmarks/wheels.sh [DEST]      # DEST defaults to .cache/gpu_wheels (git ignores .cache/)
 #
@@ -43,6 +43,19 @@ EOF
 # webdataset needs braceexpand. setuptools and wheel build hymoe's editable install offline.
 EXTRA="braceexpand==0.1.7 setuptools==80.9.0 wheel==0.45.1"
 ANTLR="antlr4-python3-runtime==4.9.3"
+# mamba-ssm's Triton SSD kernels for benchmarks/ssd_kernels_check.py (pin: pyproject's `gpu` extra).
+# PyPI has only its sdist; built here with its CUDA extensions skipped it is a 0.2 MB pure-Python
+# wheel (its Triton code is all the SSD path needs). --no-deps: the GPU machine has triton and
+# einops; its other dependencies (tilelang, quack-kernels, ...) serve kernels hymoe does not call.
+MAMBA=$("$PY" - <<'EOF'
+import re, sys, tomllib
+gpu = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]
+pins = [s.strip() for s in gpu if re.fullmatch(r"\s*mamba-ssm\s*==\s*\S+\s*", s)]
+if not pins:
+    sys.exit("wheels.sh: pyproject.toml's gpu extra has no exact (==) pin for mamba-ssm")
+print(pins[0])
+EOF
+)
 
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl "$DEST"/SHA256SUMS  # one version of each: two stop the install
@@ -58,6 +71,12 @@ echo "downloading for CPython $PYVER (x86-64): $PINNED $EXTRA"
 echo "building $ANTLR (PyPI has only its sdist; the wheel is pure Python)"
 "${PIP[@]}" wheel --quiet --no-deps -w "$DEST" "$ANTLR"
 ls "$DEST"/antlr4_python3_runtime-4.9.3-py3-none-any.whl >/dev/null
+
+echo "building $MAMBA (sdist only on PyPI; CUDA extensions skipped: a pure-Python wheel)"
+# --no-build-isolation: its setup.py imports torch, which must not be downloaded for the build.
+MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+    "${PIP[@]}" wheel --quiet --no-deps --no-build-isolation -w "$DEST" "$MAMBA"
+ls "$DEST"/mamba_ssm-*-py3-none-any.whl >/dev/null
 
 if ls "$DEST" | grep -Eiq '^(torch|triton|nvidia_)'; then
     echo "wheels.sh: a torch/triton/nvidia wheel is in $DEST; the GPU machine's own is used" >&2

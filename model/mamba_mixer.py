@@ -5,8 +5,9 @@ checkpoints and Hugging Face ``nemotron_h``): ``in_proj`` (column-parallel, prod
 depthwise ``conv1d`` over x, B, C; per-head ``A_log``, ``D``, ``dt_bias`` (kept in fp32); grouped
 gated RMSNorm ``norm``; ``out_proj`` (row-parallel). Heads and groups shard over TP.
 
-The scan: mamba-ssm's fused Triton kernels on CUDA when installed; otherwise hymoe's own chunked SSD
-in PyTorch (``hymoe.model.ssd``), which is the reference the fast path is tested against.
+The conv and the scan go through ``hymoe.model.ssd_kernels``: mamba-ssm's Triton SSD and
+causal-conv1d's kernel on CUDA when installed; otherwise (CPU always) hymoe's own chunked SSD in
+PyTorch (``hymoe.model.ssd``), which is the reference the fast path is tested against.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from hymoe.model import ssd
+from hymoe.model import ssd, ssd_kernels
 
 
 @dataclass
@@ -171,13 +172,13 @@ class MambaMixer(MegatronModule):
         z, xbc, dt = torch.split(
             zxbcdt, [d_inner, d_inner + 2 * ngroups * self.d_state, nheads], dim=-1
         )
-        xbc = ssd.causal_conv1d(
+        xbc = ssd_kernels.causal_conv1d(
             xbc, cp.get_conv1d_weight().squeeze(1), cp.get_conv1d_bias(), seq_idx=seq_idx,
             activation="silu",
         )
         x, B, C = torch.split(xbc, [d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1)
         b, s = x.shape[:2]
-        y = ssd.ssd_chunk_scan(
+        y = ssd_kernels.ssd_chunk_scan(
             x.reshape(b, s, nheads, self.headdim),
             dt,
             -torch.exp(cp.get_A_log().float()),
