@@ -178,9 +178,8 @@ def build_model(
 
 
 def _place_chunk(model: HybridModel, vp_stage: int) -> None:
-    """megatron-core's MambaModel takes no ``vp_stage`` (its GPTModel does), yet the tie of input
-    embedding and output layer between the first and the last chunk reads it: set it, and tie
-    again (the first set-up, without it, leaves both copies out of the embedding group)."""
+    """megatron-core's MambaModel takes no ``vp_stage`` (its GPTModel does), yet megatron reads it
+    to tell whether a chunk holds the embedding group's copy (``_is_in_embd_group``: which chunks
+    all-reduce the tied weights' gradients). HybridModel's own tie at construction does not need
+    it (``HybridModel.setup_embeddings_and_output_layer``)."""
     model.vp_stage = vp_stage
-    if model.share_embeddings_and_output_weights and (model.pre_process or model.post_process):
-        model.setup_embeddings_and_output_layer()
