@@ -36,5 +36,8 @@ def kill_self() -> None:
     import psutil
 
     for child in psutil.Process().children(recursive=True):
-        child.kill()
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:  # it exited between the listing and the kill
+            pass
     os.kill(os.getpid(), signal.SIGKILL)
