@@ -87,7 +87,6 @@ class PackedStream:
         self.on_corrupt, self.eod_mask_loss = on_corrupt, eod_mask_loss
         self.eod = self.datasets[0].eod
         self._context = [d.context_len for d in self.datasets]
-        self._has_context = any(c is not None for c in self._context)
         if on_corrupt == "error":
             for ds in self.datasets:
                 _check_sizes(ds)
@@ -184,7 +183,7 @@ class PackedStream:
             labels[i] = row[1:]
             # Segment starts: the row's first token, each token after an EOD (the packer knows
             # where it put them), every context_len-th token of a dataset with contexts.
-            c = self._context[d] if self._has_context else None
+            c = self._context[d]
             if c is not None and c < S:
                 starts = sorted(set(starts).union(range(c, S, c)))
             cu.append(i * S)

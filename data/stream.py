@@ -207,8 +207,7 @@ class Stream:
         phase = self.blend.phase_at(global_tokens) if len(self.blend.phases) > 1 else 0
         d = 0 if len(self.datasets) == 1 else choose(self.blend.phases[phase].weights,
                                                      self.counts[phase], seq_len)
-        sub = self.subs.get(d) or self.sub(d)
-        row, starts = sub.row(seq_len)
+        row, starts = self.sub(d).row(seq_len)
         self.counts[phase][d] += seq_len
         return row, d, starts
 
@@ -255,8 +254,7 @@ class RowSchedule:
 
     def batch_streams(self, j: int) -> list[int]:
         """The streams of rows `j, j + 1, …` of one micro-batch."""
-        n = len(self.streams)
-        return [self.streams[(self.rr + i) % n] for i in range(j, j + self.micro_batch)]
+        return [self.stream(i) for i in range(j, j + self.micro_batch)]
 
     def tokens_before(self, j: int) -> int:
         return self.base + (j // self.micro_batch) * self.micro_batch * self.seq_len * self.dp_size
