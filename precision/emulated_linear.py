@@ -1,7 +1,8 @@
-"""Emulated quantized linear layer y = x·Wᵀ: NVFP4 or MXFP8 operands, FP32 GEMMs.
+"""Emulated quantized linear layer y = x·Wᵀ: NVFP4 or MXFP8 operands, FP32 accumulation.
 
 Each of the three GEMMs of a linear layer quantizes its two operands from the high-precision
-tensors (never re-quantizes a quantized tensor), dequantizes them to FP32 and multiplies in FP32;
+tensors (never re-quantizes a quantized tensor) and multiplies the dequantized values with FP32
+accumulation (`gemm`: FP32 GEMMs on CPU, BF16 tensor cores on CUDA, the same values either way);
 outputs are cast to the activation (y, dx) or weight (dW) dtype. Which operand gets what follows the
 contract (/work/shared/nvfp4.md) and TE's `NVFP4BlockScaling` recipe:
 
@@ -14,8 +15,6 @@ With `disable_2d_quantization` W is 1D along K for fprop and Wᵀ 1D along N for
 and columnwise copies). MXFP8 quantizes every operand along its GEMM's contraction dim with TE's
 "rceil" shared-exponent rule, and has no stochastic rounding or RHT.
 
-On CUDA the FP32 GEMMs follow torch's TF32 setting (`torch.backends.cuda.matmul.allow_tf32`);
-keep it off for an exact emulation.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ from .telemetry import Telemetry
 FORMATS = ("nvfp4", "mxfp8", "bf16", "fp32", "none")
 # Formats that run the GEMMs unquantized, in the operands' own dtype.
 HIGH_PRECISION = ("bf16", "fp32", "none")
+# False: FP32 GEMMs on CUDA too, the reference path of `gemm` (for checks and comparisons).
+TENSOR_CORES = True
 # TE's MXFP8 kernels round the shared exponent up (`float_to_e8m0(amax/448)`); see mxfp8.py.
 MXFP8_SCALING_MODE = "rceil"
 
@@ -50,14 +51,14 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra)) if extra else t
 
 
-def _check_gradient_not_zeroed(src: torch.Tensor, deq: torch.Tensor, name: str) -> None:
+def _check_gradient_not_zeroed(src: torch.Tensor, q, name: str) -> None:
     # A non-zero gradient that quantizes to all zeros is a quantizer bug (one TE release did this
     # with SR on one GPU family), not a result. _assert_async does not synchronise a CUDA stream.
     # Used when no Telemetry is attached; with one, the check names the layer and warns instead
     # (Telemetry.watch_gradient, reported once per step by Telemetry.end_step).
     if not src.numel():  # an expert that received no tokens
         return
-    ok = (src.abs().amax() == 0) | (deq.abs().amax() > 0)
+    ok = (src.abs().amax() == 0) | q.any_nonzero()
     torch._assert_async(ok, f"{name}: a non-zero gradient quantized to all zeros")
 
 
@@ -77,11 +78,43 @@ class _Probe:
         if self.measuring:
             self.telemetry.observe(self.name, self.fmt, gemm, tensor, src, q)
 
-    def gradient(self, where: str, src: torch.Tensor, deq: torch.Tensor) -> None:
+    def gradient(self, where: str, src: torch.Tensor, q) -> None:
         if self.telemetry is not None:
-            self.telemetry.watch_gradient(self.name, where, src, deq)
+            self.telemetry.watch_gradient(self.name, where, src, q)
         elif self.fmt == "nvfp4":
-            _check_gradient_not_zeroed(src, deq, where)
+            _check_gradient_not_zeroed(src, q, where)
+
+
+def gemm(a, b, *, ta: bool = False, tb: bool = False, tensor_cores: bool | None = None):
+    """op(â)·op(b̂) in FP32 for two quantized operands (`NVFP4Tensor` or `MXFP8Tensor`), where op
+    transposes when `ta`/`tb` is set.
+
+    Reference (CPU; CUDA with `TENSOR_CORES = False`): the dequantized FP32 operands multiplied in
+    FP32. With `tensor_cores` (the default on CUDA) the GEMM runs on BF16 tensor cores with FP32 accumulation and output
+    (`torch.mm(..., out_dtype=torch.float32)`, torch ≥ 2.8): MXFP8 values and NVFP4 block values
+    (code × E4M3 scale, without the global decode scale D) are exact in BF16, and each NVFP4
+    operand's D then scales the FP32 output, as NVFP4 GEMMs apply global scales in their epilogue.
+    The two differ only by FP32 rounding (tests/test_nvfp4_linear.py); an FP32 GEMM on a GPU would
+    cost ~15x a BF16 one and dominate an emulated step. On CPU `tensor_cores=True` runs the same
+    factored product with FP32 operands (CPU BF16 GEMMs round their output to BF16).
+    """
+    if tensor_cores is None:
+        tensor_cores = TENSOR_CORES and a.scale.is_cuda
+    if not tensor_cores:
+        x, y = a.dequantize(), b.dequantize()
+        return (x.t() if ta else x) @ (y.t() if tb else y)
+    cuda = a.scale.is_cuda
+    dtype = torch.bfloat16 if cuda else torch.float32
+    x, y = (q.block_values(dtype) if isinstance(q, nvfp4.NVFP4Tensor) else q.dequantize(dtype)
+            for q in (a, b))
+    x, y = x.t() if ta else x, y.t() if tb else y
+    if not x.numel() or not y.numel():  # an expert without tokens: an empty or all-zero product
+        return torch.zeros(x.shape[0], y.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.mm(x, y, out_dtype=torch.float32) if cuda else x @ y
+    for q in (a, b):
+        if isinstance(q, nvfp4.NVFP4Tensor):  # one multiply each: D_a·D_b could underflow
+            out = out * q.decode_scale
+    return out
 
 
 class QuantizedMatmul(torch.autograd.Function):
@@ -108,7 +141,6 @@ class QuantizedMatmul(torch.autograd.Function):
             xq = nvfp4.quantize(x)
             probe.observe("fprop", "x", x, xq)
             probe.observe("fprop", "w", weight, wq)
-            x_hat, w_hat = xq.dequantize(), wq.dequantize()
             ctx.xt_q = None
             if need_wgrad:
                 # RHT needs whole 16-groups along T; the padded zero tokens stay in both operands.
@@ -125,7 +157,6 @@ class QuantizedMatmul(torch.autograd.Function):
             wq = mxfp8.quantize(weight, scaling_mode=MXFP8_SCALING_MODE)
             probe.observe("fprop", "x", x, xq)
             probe.observe("fprop", "w", weight, wq)
-            x_hat, w_hat = xq.dequantize(), wq.dequantize()
             ctx.xt_q = ctx.w_dgrad_q = None
             if need_wgrad:
                 ctx.xt_q = mxfp8.quantize(x.t(), scaling_mode=MXFP8_SCALING_MODE)
@@ -135,7 +166,7 @@ class QuantizedMatmul(torch.autograd.Function):
                 probe.observe("dgrad", "w", weight.t(), ctx.w_dgrad_q)
         else:
             raise ValueError(f"QuantizedMatmul handles 'nvfp4' and 'mxfp8', got {fmt!r}")
-        return F.linear(x_hat, w_hat).to(x.dtype)
+        return gemm(xq, wq, tb=True).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -145,35 +176,30 @@ class QuantizedMatmul(torch.autograd.Function):
             sr = not ctx.recipe.disable_stochastic_rounding
             if ctx.w_dgrad_q is not None:
                 dyq = nvfp4.quantize(dy, stochastic=sr, generator=ctx.generator)
-                dy_hat = dyq.dequantize()
-                probe.gradient("dgrad dy", dy, dy_hat)
+                probe.gradient("dgrad dy", dy, dyq)
                 probe.observe("dgrad", "dy", dy, dyq)
-                w = ctx.w_dgrad_q.dequantize()
                 # 2D tiles: the saved W [N, K] itself; 1D: the columnwise copy Wᵀ [K, N].
-                w_nk = w.t() if ctx.recipe.disable_2d_quantization else w
-                dx = (dy_hat @ w_nk).to(ctx.x_dtype)
+                dx = gemm(dyq, ctx.w_dgrad_q, tb=ctx.recipe.disable_2d_quantization)
+                dx = dx.to(ctx.x_dtype)
             if ctx.xt_q is not None:
                 dyt = _pad_rows(dy, 16).t()  # [N, Tp]
                 dytq = nvfp4.quantize(
                     dyt, rht=not ctx.recipe.disable_rht, stochastic=sr, generator=ctx.generator
                 )
-                dyt_hat = dytq.dequantize()
-                probe.gradient("wgrad dy", dy, dyt_hat)
+                probe.gradient("wgrad dy", dy, dytq)
                 probe.observe("wgrad", "dy", dyt, dytq)
-                dw = (dyt_hat @ ctx.xt_q.dequantize().t()).to(ctx.w_dtype)
+                dw = gemm(dytq, ctx.xt_q, tb=True).to(ctx.w_dtype)
         else:
             if ctx.w_dgrad_q is not None:
                 dyq = mxfp8.quantize(dy, scaling_mode=MXFP8_SCALING_MODE)
-                dy_hat = dyq.dequantize()
-                probe.gradient("dgrad dy", dy, dy_hat)
+                probe.gradient("dgrad dy", dy, dyq)
                 probe.observe("dgrad", "dy", dy, dyq)
-                dx = (dy_hat @ ctx.w_dgrad_q.dequantize().t()).to(ctx.x_dtype)
+                dx = gemm(dyq, ctx.w_dgrad_q, tb=True).to(ctx.x_dtype)
             if ctx.xt_q is not None:
                 dytq = mxfp8.quantize(dy.t(), scaling_mode=MXFP8_SCALING_MODE)
-                dyt_hat = dytq.dequantize()
-                probe.gradient("wgrad dy", dy, dyt_hat)
+                probe.gradient("wgrad dy", dy, dytq)
                 probe.observe("wgrad", "dy", dy.t(), dytq)
-                dw = (dyt_hat @ ctx.xt_q.dequantize().t()).to(ctx.w_dtype)
+                dw = gemm(dytq, ctx.xt_q, tb=True).to(ctx.w_dtype)
         ctx.xt_q = ctx.w_dgrad_q = None
         return dx, dw, None, None, None, None
 

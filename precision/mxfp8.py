@@ -45,6 +45,11 @@ class MXFP8Tensor:
         )
         return torch.where(self.scale == E8M0_NAN, torch.nan, s)
 
+    def any_nonzero(self) -> torch.Tensor:
+        """Whether any dequantized value is non-zero, bool 0-dim on the device (no sync); E8M0
+        scales are never zero, so the elements decide."""
+        return ((self.data.view(torch.uint8) & 0x7F) != 0).any()
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """float(data)·2^(scale-127) in float32 (exact), cast to `dtype`; the original shape."""
         vals = self.data.to(torch.float32).unflatten(-1, (-1, BLOCK))

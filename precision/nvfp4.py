@@ -236,6 +236,24 @@ class NVFP4Tensor:
         vals = vals[tuple(slice(0, n) for n in self.shape)]
         return vals.to(dtype)
 
+    def any_nonzero(self) -> torch.Tensor:
+        """Whether any dequantized value is non-zero, bool 0-dim on the device (no sync): a non-zero
+        code in a block whose scale is non-zero (a scale that underflowed to 0 zeroes its block)."""
+        codes = ((self.data.reshape(-1, BLOCK // 2) & 0x77) != 0).any(dim=1)  # magnitude bits
+        scales = (self.block_scales().reshape(-1).view(torch.uint8) & 0x7F) != 0
+        return (codes & scales).any()
+
+    def block_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """value(code)·float(scale): `dequantize()` without the global decode scale (x̂ = this·D).
+
+        Exact in bfloat16 and float16, not only float32: E2M1 × E4M3 has at most 6 significant bits
+        and magnitudes in [2⁻¹⁰, 2688]. A GEMM can therefore take these in 16 bits and apply D to its
+        FP32 output, as NVFP4 GEMMs apply the global scales in their epilogue.
+        """
+        # global_amax = 448·6 gives S = D = 1 exactly, so dequantize's last multiply is exact.
+        unit = torch.full_like(self.global_amax, E4M3_MAX * FP4_MAX)  # on the device, no copy
+        return dataclasses.replace(self, global_amax=unit).dequantize(dtype)
+
 
 def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     extra = -x.shape[dim] % multiple

@@ -223,11 +223,12 @@ class Telemetry:
             amax = torch.maximum(prev[_AMAX], stats[_AMAX])
             self._acc[key] = torch.cat([(prev + stats)[:_AMAX], amax.view(1)])
 
-    def watch_gradient(self, layer: str, where: str, src: torch.Tensor, deq: torch.Tensor) -> None:
-        """Record, on the device, whether a non-zero gradient ``src`` dequantized to all zeros."""
+    def watch_gradient(self, layer: str, where: str, src: torch.Tensor, q) -> None:
+        """Record, on the device, whether a non-zero gradient ``src`` quantized (``q``, an NVFP4 or
+        MXFP8 tensor) to all zeros."""
         if not src.numel():  # an expert that received no tokens
             return
-        bad = (src.abs().amax() > 0) & (deq.abs().amax() == 0)
+        bad = (src.abs().amax() > 0) & ~q.any_nonzero()
         key = (layer, where)
         prev = self._zero_grad.get(key)
         self._zero_grad[key] = bad if prev is None else prev | bad

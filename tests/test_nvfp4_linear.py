@@ -219,3 +219,65 @@ def test_an_expert_with_no_tokens(fmt):
     empty = [r for r in rows if r["tensor"] != "w"]  # the token operands: nothing to measure
     assert empty and all(r["underflow"] == r["rel_error"] == r["amax"] == 0.0 for r in empty)
     assert all(math.isfinite(v) for r in rows for v in (r["rel_error"], r["amax"]))
+
+
+def _ranges(dtype=torch.float32):
+    """Inputs whose blocks span the format: ordinary, huge, tiny (E4M3 scales near underflow),
+    mixed magnitudes in one tensor, and zeros."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 96, generator=g)
+    mixed = base * torch.logspace(-12, 12, 96).unsqueeze(0)
+    return [t.to(dtype) for t in (base, base * 1e30, base * 1e-30, mixed, torch.zeros(64, 96))]
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+def test_block_values_are_exact_in_16_bits_and_times_d_give_the_dequantized_values(two_d):
+    # What lets CUDA run the NVFP4 GEMMs on BF16 tensor cores: code x E4M3 scale has <= 6
+    # significant bits, and the global decode scale D is applied to the FP32 output instead.
+    for x in _ranges():
+        q = nvfp4.quantize(x, two_d=two_d)
+        v = q.block_values()
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(q.block_values(dtype).float(), v)
+        assert torch.equal(v * q.decode_scale, q.dequantize())
+
+
+def test_any_nonzero_is_whether_the_dequantized_tensor_has_a_non_zero():
+    from hymoe.precision import mxfp8
+
+    cases = _ranges()
+    # One block far below the rest: its E4M3 scale underflows to zero while its codes do not.
+    lone = torch.zeros(16, 64)
+    lone[0, :16] = 1e-30
+    lone[1, 0] = 1e8
+    for x in [*cases, lone, torch.zeros(0, 32)]:
+        for q in (nvfp4.quantize(x), nvfp4.quantize(x, two_d=True), mxfp8.quantize(x)):
+            deq = q.dequantize()
+            want = bool(deq.numel()) and bool((deq != 0).any())
+            assert bool(q.any_nonzero()) == want
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_tensor_core_gemm_equals_the_fp32_reference_to_rounding(fmt):
+    # The CUDA path factors D out of NVFP4 operands; on CPU the same factored product runs with
+    # FP32 operands (the BF16 cast is exact, tested above). Every layout the linear layer uses.
+    from hymoe.precision import mxfp8
+    from hymoe.precision.emulated_linear import gemm
+
+    def quant(t, **kw):
+        return nvfp4.quantize(t, **kw) if fmt == "nvfp4" else mxfp8.quantize(t)
+
+    g = torch.Generator().manual_seed(5)
+    x, w, dy = (torch.randn(*shape, generator=g) for shape in ((80, 64), (48, 64), (80, 48)))
+    w_fprop = quant(w, two_d=True) if fmt == "nvfp4" else quant(w)
+    for scale in (1.0, 1e-20, 1e20):
+        pairs = [(quant(x * scale), w_fprop, {"tb": True}),
+                 (quant(dy * scale), quant(w.t()), {"tb": True}),
+                 (quant(dy.t() * scale), quant(x.t()), {"tb": True}),
+                 (quant(x.t() * scale), quant(dy.t()), {"ta": False, "tb": True})]
+        for a, b, kw in pairs:
+            ref = gemm(a, b, tensor_cores=False, **kw)
+            fast = gemm(a, b, tensor_cores=True, **kw)
+            assert fast.dtype == ref.dtype == torch.float32
+            rel = ((fast - ref).abs().max() / ref.abs().max()).item()
+            assert rel < 1e-6, (scale, rel)
