@@ -234,11 +234,11 @@ def check_linear_step(tk, device: str, repeats: int) -> dict:
     out["fp32_ms"] = timed(step(F.linear, torch.float32), device, repeats) * 1e3
     with use_triton(tk):
         out["nvfp4_triton_ms"] = timed(step(nv, dtype), device, repeats) * 1e3
-        emulated_linear.TENSOR_CORES = False
+        before, emulated_linear.TENSOR_CORES = emulated_linear.TENSOR_CORES, False
         try:
             out["nvfp4_fp32_gemms_ms"] = timed(step(nv, dtype), device, repeats) * 1e3
         finally:
-            emulated_linear.TENSOR_CORES = True
+            emulated_linear.TENSOR_CORES = before
     with use_triton(None):
         out["nvfp4_eager_ms"] = timed(step(nv, dtype), device, max(3, repeats // 4)) * 1e3
     out["nvfp4_triton_over_bf16"] = out["nvfp4_triton_ms"] / out["bf16_ms"]

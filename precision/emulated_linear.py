@@ -30,8 +30,9 @@ from .telemetry import Telemetry
 FORMATS = ("nvfp4", "mxfp8", "bf16", "fp32", "none")
 # Formats that run the GEMMs unquantized, in the operands' own dtype.
 HIGH_PRECISION = ("bf16", "fp32", "none")
-# False: FP32 GEMMs on CUDA too, the reference path of `gemm` (for checks and comparisons).
-TENSOR_CORES = True
+# False: FP32 GEMMs on CUDA too, the reference path of `gemm` (for checks and comparisons). Needs
+# torch >= 2.8 for `torch.mm(..., out_dtype=torch.float32)` on BF16 operands; hymoe allows 2.6.
+TENSOR_CORES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
 # TE's MXFP8 kernels round the shared exponent up (`float_to_e8m0(amax/448)`); see mxfp8.py.
 MXFP8_SCALING_MODE = "rceil"
 
