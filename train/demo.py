@@ -26,10 +26,6 @@ def run_demo(out: str, steps: int | None = None) -> dict:
     # The two arms are a Hydra multirun over the precision, as `hymoe train tiny -m
     # precision=bf16,nvfp4` runs it: same data, same seed, one run directory per arm.
     overrides = [f"precision={','.join(ARMS)}", "run.name=demo_${precision.recipe}"]
-    if not torch.cuda.is_available():
-        # The NVFP4 quantizer compiled for the tiny model's small tensors too (`auto` compiles
-        # large ones only): ~10 s of compilation that 300 steps repay; the same bits (tested).
-        overrides.append("precision.compile_quantizer=on")
     if steps:
         overrides.append(f"train.steps={steps}")
     runs = {}
