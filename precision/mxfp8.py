@@ -19,14 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from . import nvfp4
+from .formats import E4M3_EMAX, E4M3_MAX, E8M0_BIAS, E8M0_NAN, RCP_E4M3_MAX
+from .formats import MXFP8_BLOCK as BLOCK
 
-BLOCK = 32
-E4M3_MAX = 448.0
-E4M3_EMAX = 8  # floor(log2(448))
-E8M0_BIAS = 127
-E8M0_NAN = 255
-# fl32(1/448) as an exactly representable Python float (TE multiplies by it, it does not divide).
-RCP_E4M3_MAX = torch.reciprocal(torch.tensor(E4M3_MAX, dtype=torch.float32)).item()
 SCALING_MODES = ("floor", "rceil")
 
 

@@ -25,32 +25,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-BLOCK = 16
-FP4_MAX = 6.0
-E4M3_MAX = 448.0
-FP32_MAX = torch.finfo(torch.float32).max
-# fl32(1/6) as a Python float that is exactly representable in float32, so float32 arithmetic with
-# it matches TE's `torch.reciprocal(6.0)` in float32.
-RCP_FP4_MAX = torch.reciprocal(torch.tensor(FP4_MAX, dtype=torch.float32)).item()
-
-# Code c = sign*8 + index; code 8 is negative zero (kept: TE gives it to small negatives).
-E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-E2M1_VALUES = E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES)
+from .formats import E2M1_VALUES, E4M3_MAX, FP4_MAX, FP32_MAX, RCP_FP4_MAX
+from .formats import NVFP4_BLOCK as BLOCK
+from .formats import RTN_BOUNDARIES as _RTN_BOUNDARIES
 
 # TE's fixed RHT signs (`get_wgrad_sign_vector()` in TE 2.20's reference_nvfp4.py and
 # pytorch/tensor/nvfp4_tensor.py); one vector shared by all layers.
 RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
-
-
-def _down(v: float) -> float:
-    """The float32 just below v, as a Python float."""
-    return torch.nextafter(torch.tensor(v), torch.tensor(0.0)).item()
-
-
-# A magnitude above boundary i rounds to an index > i. Ties that go down to an even index (0.25->0,
-# 1.25->1, 2.5->2, 5->4) sit exactly on their boundary (strict '>'); for the ties that go up
-# (0.75->1, 1.75->2, 3.5->4) the boundary is moved one float32 ulp down so that the tie counts.
-_RTN_BOUNDARIES = (0.25, _down(0.75), 1.25, _down(1.75), 2.5, _down(3.5), 5.0)
 
 
 def _magnitude_index(mag: torch.Tensor) -> torch.Tensor:

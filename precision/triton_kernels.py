@@ -27,13 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import mxfp8, nvfp4
+from . import formats
 
-_FP32_MAX = tl.constexpr(nvfp4.FP32_MAX)
-_RCP6 = tl.constexpr(nvfp4.RCP_FP4_MAX)
-_RCP448 = tl.constexpr(mxfp8.RCP_E4M3_MAX)
-# The round-to-nearest-even boundaries of E2M1 magnitudes (see nvfp4._RTN_BOUNDARIES).
-_B0, _B1, _B2, _B3, _B4, _B5, _B6 = (tl.constexpr(b) for b in nvfp4._RTN_BOUNDARIES)
+_FP32_MAX = tl.constexpr(formats.FP32_MAX)
+_RCP6 = tl.constexpr(formats.RCP_FP4_MAX)
+_RCP448 = tl.constexpr(formats.RCP_E4M3_MAX)
+# The round-to-nearest-even boundaries of E2M1 magnitudes (formats.RTN_BOUNDARIES).
+_B0, _B1, _B2, _B3, _B4, _B5, _B6 = (tl.constexpr(b) for b in formats.RTN_BOUNDARIES)
 _TILE = 4096  # elements per program
 # No FMA contraction and no flush-to-zero in libdevice calls (tl.floor): IEEE like the eager ops.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False, "enable_reflect_ftz": False}
@@ -255,13 +255,13 @@ def nvfp4_quantize(x: torch.Tensor, u: torch.Tensor | None, *, two_d: bool):
     [Mp/16, Kp/16]), float32 0-dim global amax): nvfp4.quantize's layout and bits."""
     x2 = _as_rows(x)
     r, k = x2.shape
-    kp = -(-k // nvfp4.BLOCK) * nvfp4.BLOCK
-    rp = -(-r // nvfp4.BLOCK) * nvfp4.BLOCK if two_d else r
+    kp = -(-k // formats.NVFP4_BLOCK) * formats.NVFP4_BLOCK
+    rp = -(-r // formats.NVFP4_BLOCK) * formats.NVFP4_BLOCK if two_d else r
     lead = (rp,) if two_d else tuple(x.shape[:-1])
     global_amax = amax(x2)
     data = torch.empty(*lead, kp // 2, dtype=torch.uint8, device=x.device)
-    srows = (rp // nvfp4.BLOCK,) if two_d else lead
-    scale = torch.empty(*srows, kp // nvfp4.BLOCK, dtype=torch.uint8, device=x.device)
+    srows = (rp // formats.NVFP4_BLOCK,) if two_d else lead
+    scale = torch.empty(*srows, kp // formats.NVFP4_BLOCK, dtype=torch.uint8, device=x.device)
     br, bc = _tile(rp, kp, 16, two_d)
     grid = (triton.cdiv(rp, br), triton.cdiv(kp, bc))
     u_arg = u.contiguous() if u is not None else data  # any pointer: unread without STOCHASTIC
@@ -291,11 +291,11 @@ def mxfp8_quantize(x: torch.Tensor, scaling_mode: str):
     and bits of mxfp8.quantize."""
     x2 = _as_rows(x)
     r, k = x2.shape
-    kp = -(-k // mxfp8.BLOCK) * mxfp8.BLOCK
+    kp = -(-k // formats.MXFP8_BLOCK) * formats.MXFP8_BLOCK
     lead = tuple(x.shape[:-1])
     data = torch.empty(*lead, kp, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(*lead, kp // mxfp8.BLOCK, dtype=torch.uint8, device=x.device)
-    br, bc = _tile(r, kp, mxfp8.BLOCK)
+    scale = torch.empty(*lead, kp // formats.MXFP8_BLOCK, dtype=torch.uint8, device=x.device)
+    br, bc = _tile(r, kp, formats.MXFP8_BLOCK)
     grid = (triton.cdiv(r, br), triton.cdiv(kp, bc))
     _mxfp8_quantize_kernel[grid](x2, data, scale, r, k, kp, x2.stride(0), x2.stride(1),
                                  RCEIL=scaling_mode == "rceil", BLOCK_R=br, BLOCK_C=bc, **_LAUNCH)
