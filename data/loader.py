@@ -191,14 +191,16 @@ class PackedStream:
                 longest = S  # as long as a segment can be
                 continue
             bounds = [0, *starts, S]
-            longest = max(longest, *(b - a for a, b in itertools.pairwise(bounds)))
+            lengths = [b - a for a, b in itertools.pairwise(bounds)]
+            longest = max(longest, max(lengths))
             idx = seq_idx[i]
             if len(starts) < 8:  # a few slice fills beat building the index array
                 for k in range(1, len(bounds) - 1):
                     idx[bounds[k] : bounds[k + 1]] = k
             else:
-                idx[:] = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(bounds))
-            cu.extend(i * S + b for b in starts)
+                idx[:] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+            base = i * S
+            cu.extend([base + b for b in starts])
         cu.append(B * S)
         loss_mask = torch.ones(B, S, dtype=torch.float32)
         if self.eod_mask_loss:

@@ -71,8 +71,8 @@ class SubStream:
         # The packer's position: the next token that goes into the buffer.
         self.epoch, self.pos, self.offset = s["epoch"], s["pos"], s["offset"]
         self.skipped_shards, self.skipped_docs = s["skipped_shards"], s["skipped_documents"]
-        # The shard being read: (first, end position, document starts, lengths, its tokens).
-        self._cur: tuple[int, int, list[int], list[int], np.ndarray] | None = None
+        # The shard being read, as `_shard` returns it.
+        self._cur: tuple[int, int, list[int], list[int], list[int], np.ndarray] | None = None
         self._skip_run = 0  # documents skipped since the last token produced
         carry = s["carry"]
         self._has_carry = carry is not None
@@ -92,7 +92,11 @@ class SubStream:
             self.pos = 0
             self._cur = None
 
-    def _doc(self) -> np.ndarray:
+    def _shard(self) -> tuple[int, int, list[int], list[int], list[int], np.ndarray]:
+        """The shard that holds the document at the packer's position: (first and end position of
+        this stream's documents in it, their token starts, lengths and running totals of
+        length + 1 (tokens and EOD) in reading order, the shard's tokens). Opening it may skip
+        corrupt shards, which moves the position."""
         g = self.a + self.pos
         cur = self._cur
         while cur is None or not cur[0] <= g < cur[1]:
@@ -103,15 +107,14 @@ class SubStream:
                 self._skip(e, hi)
                 g = self.a + self.pos
                 continue
-            # Where this stream's documents of the shard lie, in reading order, as Python ints:
-            # one vectorised lookup per shard instead of numpy scalars per document.
+            # Python ints, from one vectorised lookup per shard: a refill then finds how many
+            # documents it takes with one bisect, and touches each with a few list operations.
             first, end = max(lo, self.a), min(hi, self.b)
             docs = self.ds.doc_order(self.seed, self.epoch, shard)[first - lo : end - lo]
-            cur = self._cur = (first, end, opened.starts[docs].tolist(),
-                               opened.lengths[docs].tolist(), opened.tokens)
-        k = g - cur[0]
-        start = cur[2][k]
-        return cur[4][start : start + cur[3][k]]
+            lengths = opened.lengths[docs]
+            cur = self._cur = (first, end, opened.starts[docs].tolist(), lengths.tolist(),
+                               np.cumsum(lengths + 1).tolist(), opened.tokens)
+        return cur
 
     def _skip(self, e: CorruptShard, shard_end: int) -> None:
         """Skip the rest of a corrupt shard's documents in this span (or raise, by policy)."""
@@ -160,24 +163,36 @@ class SubStream:
         rows = max(1, (_FILL_TOKENS - 1) // (row_tokens - 1))
         need = 1 + rows * (row_tokens - 1) - at
         while need > 0:
-            doc = self._doc()  # may skip corrupt shards: the mark below counts them
-            n = len(doc)
-            marks.append((at - self.offset, self.epoch, self.pos, self.skipped_shards,
-                          self.skipped_docs))
-            if self.offset < n:
-                take = min(need, n - self.offset)
-                pieces.append(doc[self.offset : self.offset + take])
-                self.offset += take
-                at += take
-                need -= take
-            if need > 0 and self.offset == n:
+            first, _, starts, lengths, totals, tokens = self._shard()  # may skip shards
+            # Documents k.. of this shard, each its tokens then an EOD, the first from `offset`:
+            # those that end by `target` go in whole, the next one up to `target`.
+            k = self.a + self.pos - first
+            done = (totals[k - 1] if k else 0) + self.offset  # packed of this shard's part
+            target = done + need
+            j = bisect.bisect_right(totals, target, k)  # documents k..j-1 go in whole
+            cut = target - (totals[j - 1] if j else 0) if j < len(totals) else 0  # of doc j
+            origin = at - done  # buffer index where this shard's part would start
+            for i in range(k, j):
+                s0 = starts[i]
+                pieces.append(tokens[s0 + (self.offset if i == k else 0) : s0 + lengths[i]])
                 pieces.append(self._eod)
-                eods.append(at)
-                self.offset += 1
-                at += 1
-                need -= 1
+            if cut:
+                s0 = starts[j]
+                pieces.append(tokens[s0 + (self.offset if j == k else 0) : s0 + cut])
+            # Every document (part) put in the buffer gets a mark: where its offset 0 lies.
+            marks.extend((origin + (totals[i - 1] if i else 0), self.epoch, self.pos + i - k,
+                          self.skipped_shards, self.skipped_docs)
+                         for i in range(k, j + (cut > 0)))
+            eods.extend(origin + totals[i] - 1 for i in range(k, j))
+            took = need if j < len(totals) else totals[-1] - done
+            at += took
+            need -= took
             self._skip_run = 0
-            if self.offset == n + 1:
+            if j < len(totals):
+                self.pos += j - k
+                self.offset = cut
+            else:  # the shard's part is packed: on to the next document (epoch) after it
+                self.pos += j - k - 1
                 self._next_doc()
         self._buf = np.concatenate(pieces)
         self._c -= keep_from
