@@ -37,12 +37,12 @@ def scan_times(repeats: int = 5) -> tuple[float, float]:
     from hymoe.model import ssd
 
     g = torch.Generator().manual_seed(0)
-    b, l, h, p, n = 2, 512, 8, 16, 32
-    x = torch.randn(b, l, h, p, generator=g, requires_grad=True)
-    dt = torch.randn(b, l, h, generator=g, requires_grad=True)
+    b, seq, h, p, n = 2, 512, 8, 16, 32
+    x = torch.randn(b, seq, h, p, generator=g, requires_grad=True)
+    dt = torch.randn(b, seq, h, generator=g, requires_grad=True)
     a = -torch.rand(h, generator=g) - 0.5
-    bm = torch.randn(b, l, 1, n, generator=g)
-    cm = torch.randn(b, l, 1, n, generator=g)
+    bm = torch.randn(b, seq, 1, n, generator=g)
+    cm = torch.randn(b, seq, 1, n, generator=g)
 
     def timed(fn):
         best = float("inf")

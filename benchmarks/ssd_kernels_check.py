@@ -52,9 +52,9 @@ if ARGS.device == "cpu":
     # are decorated then, and a compiled one cannot be called from an interpreted kernel.
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch
-from hymoe.model import ssd, ssd_kernels
-from triton_check import timed  # this folder: the same timing as the quantization check
+import torch  # noqa: E402 - after TRITON_INTERPRET is set
+from hymoe.model import ssd, ssd_kernels  # noqa: E402
+from triton_check import timed  # noqa: E402 - this folder: the timing of the quantization check
 
 # (batch, length, heads, head_dim, groups, state, chunk)
 SMALL = {"cpu": (2, 40, 4, 8, 2, 8, 16),

@@ -49,9 +49,9 @@ if ARGS.device == "cpu":  # read when the kernels are decorated: before hymoe im
     # The interpreter evaluates an all-zero block's 1/0 (capped afterwards) in numpy.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 
-import torch
-import torch.nn.functional as F
-from hymoe.precision import mxfp8, nvfp4
+import torch  # noqa: E402 - after TRITON_INTERPRET is set
+import torch.nn.functional as F  # noqa: E402
+from hymoe.precision import mxfp8, nvfp4  # noqa: E402
 
 
 def _sync(device):

@@ -84,7 +84,7 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[tupl
 
 
 def _jsonl_documents(f: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    example = '{"%s": "..."}' % text_field
+    example = f'{{"{text_field}": "..."}}'
     with open(f, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():

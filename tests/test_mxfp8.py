@@ -94,7 +94,10 @@ def test_mxfp8_linear():
     w = (torch.randn(48, 64, generator=g) / 8).requires_grad_()
     dy = torch.randn(3, 20, 48, generator=g)
     y = quantized_linear(x, w, "mxfp8")
-    deq = lambda t: mxfp8.quantize(t, scaling_mode=MXFP8_SCALING_MODE).dequantize()
+
+    def deq(t):
+        return mxfp8.quantize(t, scaling_mode=MXFP8_SCALING_MODE).dequantize()
+
     assert torch.equal(y, F.linear(deq(x.detach()), deq(w.detach())))
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     x2, dy2 = x.detach().reshape(60, 64), dy.reshape(60, 48)

@@ -138,7 +138,10 @@ def test_stochastic_rounding_unbiased_in_expectation(values, scale_exp, seed):
     # rounding of value·s8·D).
     d_units = draws.abs() / unit
     hi = lo + _spacing(qv.abs().clamp(max=6))
-    close = lambda a, b: (a - b).abs() <= 2 * EPS32 * b
+
+    def close(a, b):
+        return (a - b).abs() <= 2 * EPS32 * b
+
     neighbour = close(d_units, lo) | close(d_units, hi)
     assert neighbour[:, ~clipped].all()
     mean = draws.mean(0)
