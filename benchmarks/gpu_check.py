@@ -149,9 +149,9 @@ def render(results: list[dict], ratios: dict, header: list[str]) -> str:
             f" {_fmt(r.get('median_step_time_s'), '.4f'):>16}"
             f" {_fmt(r.get('median_tokens_per_s'), ',.0f'):>18} {loss:>20} {r['wall_s']:>7}"
         )
-    note = (f"medians over steps > {WARMUP_STEPS}; NVFP4 is emulated (quantizers plus GEMMs with FP32"
-            " accumulation: BF16 tensor cores on CUDA, FP32 on CPU), so its ratio to BF16 is the"
-            " emulation's cost")
+    note = (f"medians over steps > {WARMUP_STEPS}; NVFP4 is emulated (quantizers plus GEMMs with"
+            " FP32 accumulation: BF16 tensor cores on CUDA, FP32 on CPU), so its ratio to BF16 is"
+            " the emulation's cost")
     lines += ["", note]
     lines += [f"step-time ratio {key}: {_fmt(value, '.2f')}" for key, value in ratios.items()]
     for r in results:

@@ -6,9 +6,9 @@
 
 1. bits: precision/triton_kernels.py against the eager PyTorch path on the same CUDA tensors:
    NVFP4 codes, E4M3 scales, global amax, dequantized and BF16 block values (1D, 2D, stochastic
-   rounding with the same generator, RHT) and MXFP8 data and E8M0 scales (floor, rceil), on the input classes
-   of tests/test_precision_triton.py plus large random tensors; and that `nvfp4.quantize` picks
-   the Triton path for CUDA tensors. Any difference fails the check.
+   rounding with the same generator, RHT) and MXFP8 data and E8M0 scales (floor, rceil), on the
+   input classes of tests/test_precision_triton.py plus large random tensors; and that
+   `nvfp4.quantize` picks the Triton path for CUDA tensors. Any difference fails the check.
 2. throughput: NVFP4 quantize + dequantize (1D, round-to-nearest, float32 out) against a plain
    copy (`torch.clone`) of the same tensor, Triton and eager. "bw %" is the bytes that the
    kernels must move (amax read, quantize read + write of codes and scales, dequantize read +

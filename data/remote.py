@@ -77,8 +77,8 @@ def _download(url: str, f) -> None:
 
 
 def _run_pipe(command: str, f) -> None:
-    proc = subprocess.run(shlex.split(command), stdout=f, stderr=subprocess.PIPE, timeout=_TIMEOUT_S,
-                          check=False)
+    proc = subprocess.run(shlex.split(command), stdout=f, stderr=subprocess.PIPE,
+                          timeout=_TIMEOUT_S, check=False)
     if proc.returncode:
         err = proc.stderr.decode(errors="replace").strip()[-500:]
         raise DataError(f"pipe:{command}: exited with {proc.returncode}: {err}")

@@ -91,13 +91,13 @@ def gemm(a, b, *, ta: bool = False, tb: bool = False, tensor_cores: bool | None 
     transposes when `ta`/`tb` is set.
 
     Reference (CPU; CUDA with `TENSOR_CORES = False`): the dequantized FP32 operands multiplied in
-    FP32. With `tensor_cores` (the default on CUDA) the GEMM runs on BF16 tensor cores with FP32 accumulation and output
-    (`torch.mm(..., out_dtype=torch.float32)`, torch ≥ 2.8): MXFP8 values and NVFP4 block values
-    (code × E4M3 scale, without the global decode scale D) are exact in BF16, and each NVFP4
-    operand's D then scales the FP32 output, as NVFP4 GEMMs apply global scales in their epilogue.
-    The two differ only by FP32 rounding (tests/test_nvfp4_linear.py); an FP32 GEMM on a GPU would
-    cost ~15x a BF16 one and dominate an emulated step. On CPU `tensor_cores=True` runs the same
-    factored product with FP32 operands (CPU BF16 GEMMs round their output to BF16).
+    FP32. With `tensor_cores` (the default on CUDA) the GEMM runs on BF16 tensor cores with FP32
+    accumulation and output (`torch.mm(..., out_dtype=torch.float32)`, torch ≥ 2.8): MXFP8 values
+    and NVFP4 block values (code × E4M3 scale, without the global decode scale D) are exact in BF16,
+    and each NVFP4 operand's D then scales the FP32 output, as NVFP4 GEMMs apply global scales in
+    their epilogue. The two differ only by FP32 rounding (tests/test_nvfp4_linear.py); an FP32 GEMM
+    on a GPU would cost ~15x a BF16 one and dominate an emulated step. On CPU `tensor_cores=True`
+    runs the same factored product with FP32 operands (CPU BF16 GEMMs round their output to BF16).
     """
     if tensor_cores is None:
         tensor_cores = TENSOR_CORES and a.scale.is_cuda

@@ -228,8 +228,8 @@ class NVFP4Tensor:
         """value(code)·float(scale): `dequantize()` without the global decode scale (x̂ = this·D).
 
         Exact in bfloat16 and float16, not only float32: E2M1 × E4M3 has at most 6 significant bits
-        and magnitudes in [2⁻¹⁰, 2688]. A GEMM can therefore take these in 16 bits and apply D to its
-        FP32 output, as NVFP4 GEMMs apply the global scales in their epilogue.
+        and magnitudes in [2⁻¹⁰, 2688]. A GEMM can therefore take these in 16 bits and apply D to
+        its FP32 output, as NVFP4 GEMMs apply the global scales in their epilogue.
         """
         # global_amax = 448·6 gives S = D = 1 exactly, so dequantize's last multiply is exact.
         unit = torch.full_like(self.global_amax, E4M3_MAX * FP4_MAX)  # on the device, no copy
