@@ -4,7 +4,8 @@
 2. streamed tokens/s of `PackedStream` (one process, with the default 64 streams and with one; and
    its consumer with 2 reader workers) vs
    - a raw sequential read of the same shard bytes: from the page cache (bytes only; and bytes →
-     int64 [B, S] batches, the least work any loader must do) and from disk (cache dropped),
+     int64 [B, S] batches, the least work any loader must do; and bytes → the same batch contract
+     as PackedStream's, made the straightforward way) and from disk (cache dropped),
    - megatron-core's own indexed dataset built from the same tokens (`IndexedDatasetBuilder` →
      .bin/.idx): read document by document with `IndexedDataset.get` and packed like ours, and
      megatron's `GPTDataset` on top of it (its sample index, shuffling and batches of samples).
@@ -97,8 +98,7 @@ def packer(docs_iter_factory, seq_len: int, micro_batch: int, eod: int | None = 
             cu = np.append(starts, micro_batch * seq_len).astype(np.int32)
             lengths = np.diff(cu)
             first = np.searchsorted(starts, np.arange(micro_batch) * seq_len)  # row's first segment
-            seg = np.arange(len(starts), dtype=np.int32)
-            seg -= np.repeat(first, np.diff(np.append(first, len(starts)))).astype(np.int32)
+            seg = (np.arange(len(starts)) - first[starts // seq_len]).astype(np.int32)
             seq_idx = np.repeat(seg, lengths).reshape(micro_batch, seq_len)
             torch.from_numpy(tokens), torch.from_numpy(labels), torch.ones(micro_batch, seq_len)
             torch.from_numpy(seq_idx), torch.from_numpy(cu), torch.tensor(int(lengths.max()))

@@ -33,6 +33,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 
 def _parse(argv):
@@ -96,33 +97,11 @@ class use_triton:  # a context manager, named like a function
 
 # -- 1. bits ---------------------------------------------------------------------------------------
 def cases(device: str) -> dict:
-    g = torch.Generator().manual_seed(0)
-    n = torch.randn(20, 48, generator=g)
-    zero_blocks = n.clone()
-    zero_blocks[:, 16:32] = 0
-    zero_blocks[:16, :16] = 0
-    nan = torch.full((16, 32), 0.5)
-    nan[3, 5] = float("nan")
-    out = {
-        "normal": n,
-        "bf16": (n * 3).bfloat16(),
-        "heavy": n / torch.rand(20, 48, generator=g).clamp(min=1e-6),
-        "midpoints": torch.randint(-12, 13, (16, 48), generator=g) / 2.0 * 0.75,
-        "extreme": n * torch.exp(torch.randn(20, 48, generator=g) * 8),
-        "huge": n * 1e37,
-        "tiny": n * 1e-40,
-        "zero_blocks": zero_blocks,
-        "zero": torch.zeros(17, 32),
-        "negzero": -torch.zeros(16, 16),
-        "odd": torch.randn(5, 37, generator=g).bfloat16(),
-        "3d": torch.randn(2, 3, 32, generator=g),
-        "nan": nan,
-    }
-    if device == "cuda":  # many programs per launch, every tile shape the wrappers choose
-        out["large_fp32"] = torch.randn(1000, 4128, generator=g) * 3
-        out["large_bf16"] = torch.randn(4096, 1040, generator=g).bfloat16()
-        out["large_transposed"] = torch.randn(2048, 1536, generator=g).t()
-    return {k: v.to(device) for k, v in out.items()}
+    # The test file's input classes (tests/ travels with the working tree), plus large tensors.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from precision_inputs import quantizer_inputs
+
+    return {k: v.to(device) for k, v in quantizer_inputs(large=device == "cuda").items()}
 
 
 def _nvfp4_equal(a, b) -> bool:

@@ -15,6 +15,7 @@ import importlib
 import pytest
 import torch
 from hymoe.precision import mxfp8, nvfp4
+from precision_inputs import quantizer_inputs
 
 # The interpreter evaluates 1/0 (an all-zero block's multiplier, capped afterwards) in numpy.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -39,36 +40,7 @@ def tk():
     importlib.reload(triton_kernels)
 
 
-def _cases():
-    g = torch.Generator().manual_seed(0)
-    n = torch.randn(20, 48, generator=g)
-    zero_blocks = n.clone()
-    zero_blocks[:, 16:32] = 0  # all-zero 1D blocks
-    zero_blocks[:16, :16] = 0  # an all-zero 2D tile
-    nan = torch.full((16, 32), 0.5)
-    nan[3, 5] = float("nan")
-    inf = torch.full((16, 32), 0.5)
-    inf[7, 1] = float("inf")
-    return {
-        "normal": n,
-        "bf16": (n * 3).bfloat16(),
-        "heavy": n / torch.rand(20, 48, generator=g).clamp(min=1e-6),
-        # k·0.375 hits every E2M1 midpoint once the block scale is 1 (TE's ties).
-        "midpoints": torch.randint(-12, 13, (16, 48), generator=g) / 2.0 * 0.75,
-        "extreme": n * torch.exp(torch.randn(20, 48, generator=g) * 8),
-        "huge": n * 1e37,
-        "tiny": n * 1e-40,  # subnormal amax: the global scale saturates
-        "zero_blocks": zero_blocks,
-        "zero": torch.zeros(17, 32),
-        "negzero": -torch.zeros(16, 16),
-        "odd": torch.randn(5, 37, generator=g).bfloat16(),
-        "3d": torch.randn(2, 3, 32, generator=g),
-        "nan": nan,
-        "inf": inf,
-    }
-
-
-CASES = _cases()
+CASES = quantizer_inputs()
 
 
 def _nvfp4_pair(tk, x, **kw):
