@@ -6,18 +6,22 @@
    - a raw sequential read of the same shard bytes: from the page cache (bytes only; and bytes →
      int64 [B, S] batches, the least work any loader must do; and bytes → the same batch contract
      as PackedStream's, made the straightforward way) and from disk (cache dropped),
+   - the same shards on an HTTP server limited to each `--remote-mb-per-s` per connection (an
+     object store's stream; benchmarks/http_server.py): a sequential download vs PackedStream
+     reading the URL from an empty mirror, with its shard prefetch thread and without,
    - megatron-core's own indexed dataset built from the same tokens (`IndexedDatasetBuilder` →
      .bin/.idx): read document by document with `IndexedDataset.get` and packed like ours, and
      megatron's `GPTDataset` on top of it (its sample index, shuffling and batches of samples).
 
 Each rate is the best of `--repeats` runs of `--seconds`, in two clocks: wall time, and CPU time of
 this process (tokens per CPU-second: what one process does with a core to itself — the machines
-that run this are shared, and CPU time is what contention disturbs least). Reads from disk and the
-worker-process row are wall time only. The streams and the raw read into batches are measured in
-turns (2·repeats+1 rounds) and compared by the median of their per-round ratios, which load on the
-machine moves least. Goals (issue 6): ≥ 5 M tokens/s per process streamed and ≥ 80% of the raw read.
+that run this are shared, and CPU time is what contention disturbs least). Reads from disk or the
+HTTP server and the worker-process row are wall time only. The streams and the raw read into
+batches are measured in turns (2·repeats+1 rounds) and compared by the median of their per-round
+ratios, which load on the machine moves least. Goals (issue 6): ≥ 5 M tokens/s per process streamed and ≥ 80% of the raw read.
 
-    python benchmarks/data.py [--max-bytes 10000000] [--seq-len 4096] [--micro-batch 4] [--json F]
+    python benchmarks/data.py [--max-bytes 10000000] [--seq-len 4096] [--micro-batch 4]
+                              [--remote-mb-per-s 90 400] [--json F]
 """
 
 from __future__ import annotations
@@ -117,13 +121,26 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def drain(make_stream, tokens: int, S: int, B: int) -> float:
+    """Tokens per wall second of a fresh stream reading `tokens` tokens (opening included)."""
+    t0 = time.perf_counter()
+    s, n = make_stream(), 0
+    while n < tokens:
+        next(s)
+        n += S * B
+    rate_ = n / (time.perf_counter() - t0)
+    s.close()
+    return rate_
+
+
 def cold_rates(shards: list[Path], prepared: Path, tokens: int, S: int, B: int,
-               repeats: int) -> tuple[float, float]:
+               repeats: int) -> tuple[float, float, float]:
     """One pass from disk (wall time): raw sequential read vs a fresh PackedStream reading as many
-    tokens as one epoch holds (manifest, open, sha256 check, pack). Best of `repeats` passes."""
+    tokens as one epoch holds (manifest, open, sha256 check, pack), with its shard prefetch thread
+    and without. Best of `repeats` passes: (raw, hymoe, hymoe without prefetch)."""
     from hymoe.data import PackedStream
 
-    raw = hy = 0.0
+    raw, hy = 0.0, [0.0, 0.0]
     for _ in range(repeats):
         gc.collect()  # no mapping of an earlier stream may keep pages in memory
         evict(shards)
@@ -132,16 +149,57 @@ def cold_rates(shards: list[Path], prepared: Path, tokens: int, S: int, B: int,
             with open(p, "rb") as f:
                 f.read()
         raw = max(raw, tokens / (time.perf_counter() - t0))
-        evict(shards)
-        t0 = time.perf_counter()
-        s = PackedStream(prepared, S, B)
-        n = 0
-        while n < tokens:
-            next(s)
-            n += S * B
-        hy = max(hy, n / (time.perf_counter() - t0))
-        del s
-    return raw, hy
+        for i, threads in enumerate((1, 0)):
+            gc.collect()
+            evict(shards)
+            hy[i] = max(hy[i], drain(lambda: PackedStream(prepared, S, B,
+                                                          shard_prefetch_threads=threads),
+                                     tokens, S, B))
+    return raw, *hy
+
+
+def remote_rates(prepared: Path, m: dict, tokens: int, S: int, B: int, mb_per_s: float,
+                 repeats: int) -> tuple[float, float, float]:
+    """The dataset on an HTTP server limited to `mb_per_s` per connection (benchmarks/
+    http_server.py, its own process), read once from an empty mirror (wall time): a sequential
+    download of its shards vs a fresh PackedStream of the URL reading as many tokens as one epoch
+    holds (manifest, fetch, sha256 check, pack), with its shard prefetch thread and without.
+    Best of `repeats`: (raw, hymoe, hymoe without prefetch)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from hymoe.data import PackedStream
+
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("http_server.py")),
+                               str(prepared), "--mb-per-s", str(mb_per_s)],
+                              stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{int(server.stdout.readline())}"
+    old_cache = os.environ.get("HYMOE_DATA_CACHE")
+    raw, hy = 0.0, [0.0, 0.0]
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for entry in m["shards"]:
+                with urllib.request.urlopen(f"{url}/{entry['name']}") as r:
+                    while r.read(1 << 20):
+                        pass
+            raw = max(raw, tokens / (time.perf_counter() - t0))
+            for i, threads in enumerate((1, 0)):
+                mirror = Path(tempfile.mkdtemp(prefix="hymoe-bench-mirror-"))
+                os.environ["HYMOE_DATA_CACHE"] = str(mirror)
+                hy[i] = max(hy[i], drain(lambda: PackedStream(url, S, B,
+                                                              shard_prefetch_threads=threads),
+                                         tokens, S, B))
+                shutil.rmtree(mirror)
+    finally:
+        server.kill()
+        server.wait()
+        if old_cache is None:
+            os.environ.pop("HYMOE_DATA_CACHE", None)
+        else:
+            os.environ["HYMOE_DATA_CACHE"] = old_cache
+    return raw, *hy
 
 
 def stream_rate(prepared: Path, S: int, B: int, workers: int, seconds: float,
@@ -270,6 +328,9 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--remote-mb-per-s", type=float, nargs="+", default=[90.0, 400.0],
+                    help="per-connection rates of the HTTP server standing in for an object store "
+                         "(S3's guidance: one concurrent request per 85-90 MB/s), one pass each")
     ap.add_argument("--workdir", default=None, help="keeps the trained tokenizer between runs")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -295,7 +356,11 @@ def main() -> None:
 
     shards = [out / s["name"] for s in m["shards"]]
     stream_tokens = m["totals"]["tokens"] + m["totals"]["documents"]  # one EOD per document
-    raw_cold, hy_cold = cold_rates(shards, out, stream_tokens, S, B, rep)
+    r["raw_cold"], r["hymoe_cold"], r["hymoe_cold_inline"] = (
+        (v,) for v in cold_rates(shards, out, stream_tokens, S, B, rep))
+    for mbps in args.remote_mb_per_s:
+        r[f"raw_remote@{mbps:g}"], r[f"hymoe_remote@{mbps:g}"], r[f"hymoe_remote_inline@{mbps:g}"] = (
+            (v,) for v in remote_rates(out, m, stream_tokens, S, B, mbps, rep))
     for p in shards:
         p.read_bytes()  # warm the page cache for everything below
 
@@ -333,7 +398,6 @@ def main() -> None:
     ratios.update({f"{k}_alternating": v for k, v in alternating(
         packer(raw_docs, S, B), {k: streams[n] for k, n in (("hymoe", 0), ("hymoe_1", 1))},
         4000).items()})
-    r["raw_cold"], r["hymoe_cold"] = (raw_cold,), (hy_cold,)
     r["hymoe_workers"] = (stream_rate(out, S, B, 2, sec, rep)[0],)
 
     prefix = megatron_indexed(shards, m, work)
@@ -356,6 +420,7 @@ LABELS = {
     "raw_contract": "raw read -> PackedStream's batch contract",
     "raw_cold": "raw sequential read from disk (cache dropped)",
     "hymoe_cold": "hymoe PackedStream from disk (cache dropped)",
+    "hymoe_cold_inline": "the same, shard_prefetch_threads=0",
     "hymoe": "hymoe PackedStream, 1 process, page cache",
     "hymoe_1": "the same, data.num_streams=1 (long spans)",
     "hymoe_workers": "hymoe PackedStream consumer, 2 workers",
@@ -371,7 +436,12 @@ def report(r: dict, ratios: dict, args, files: list, n_tok: int, m: dict) -> Non
           f"{len(m['shards'])} shards; seq_len {S}, micro_batch {B}; best of {args.repeats}\n")
     print(f"| {'what':<46} | {'M tok/s wall':>12} | {'M tok/s per CPU-s':>17} |")
     print(f"| {'-' * 46} | {'-' * 12} | {'-' * 17} |")
-    for key, label in LABELS.items():
+    labels = dict(LABELS)
+    for mbps in args.remote_mb_per_s:
+        labels[f"raw_remote@{mbps:g}"] = f"raw sequential download, HTTP {mbps:g} MB/s"
+        labels[f"hymoe_remote@{mbps:g}"] = "hymoe PackedStream of the URL, empty mirror"
+        labels[f"hymoe_remote_inline@{mbps:g}"] = "the same, shard_prefetch_threads=0"
+    for key, label in labels.items():
         v = r[key]
         cpu = f"{v[1] / 1e6:.1f}" if len(v) > 1 else ""
         print(f"| {label:<46} | {v[0] / 1e6:>12.1f} | {cpu:>17} |")
@@ -384,7 +454,13 @@ def report(r: dict, ratios: dict, args, files: list, n_tok: int, m: dict) -> Non
           "with one stream; CPU time, median over rounds measured in turns); batch by batch in "
           f"turns {ratios['hymoe_alternating']:.0%} ({ratios['hymoe_1_alternating']:.0%} with one "
           "stream), "
-          f"{r['hymoe_cold'][0] / r['raw_cold'][0]:.0%} of the read from disk (wall)")
+          f"{r['hymoe_cold'][0] / r['raw_cold'][0]:.0%} of the read from disk (wall; "
+          f"{r['hymoe_cold_inline'][0] / r['raw_cold'][0]:.0%} without shard prefetch)")
+    for mbps in args.remote_mb_per_s:
+        raw_r = r[f"raw_remote@{mbps:g}"][0]
+        print(f"  from an HTTP server at {mbps:g} MB/s per connection (wall): "
+              f"{r[f'hymoe_remote@{mbps:g}'][0] / raw_r:.0%} of its sequential download "
+              f"({r[f'hymoe_remote_inline@{mbps:g}'][0] / raw_r:.0%} without shard prefetch)")
     contract = ratios["raw_contract"]
     print(f"vs the raw read into the same batch contract (no order, blend, resume or checks): "
           f"{ratios['hymoe'] / contract:.0%} ({ratios['hymoe_1'] / contract:.0%} with one stream)")

@@ -54,6 +54,9 @@ class DataConfig:
     num_workers: int = 0
     # Micro-batches each worker reads ahead.
     prefetch_factor: int = 2
+    # Threads per reading process that fetch and check (sha256) the shards the streams read next,
+    # while rows are packed from the current ones (0: fetch and check when a stream gets there).
+    shard_prefetch_threads: int = 1
     # A shard that fails its manifest check: `error` stops with the shard and sample named;
     # `skip` skips the shard's documents and counts them (metrics `data/skipped_*`).
     on_corrupt: str = "error"
@@ -65,7 +68,7 @@ class DataConfig:
         """Raise `DataError` naming the field for values no stream can run with."""
         if self.on_corrupt not in ("error", "skip"):
             raise DataError(f"data.on_corrupt: must be 'error' or 'skip', got {self.on_corrupt!r}")
-        for name in ("num_streams", "num_workers"):
+        for name in ("num_streams", "num_workers", "shard_prefetch_threads"):
             if getattr(self, name) < 0:
                 raise DataError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
         if self.prefetch_factor < 1:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
@@ -65,6 +66,7 @@ class PackedStream:
         num_streams: int = 0,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        shard_prefetch_threads: int = 1,
         on_corrupt: str = "error",
         eod_mask_loss: bool = False,
     ):
@@ -72,9 +74,10 @@ class PackedStream:
             raise DataError(f"seq_len ({seq_len}) and micro_batch ({micro_batch}) must be >= 1")
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
-        if seed < 0 or num_streams < 0 or num_workers < 0 or prefetch_factor < 1:
-            raise DataError(f"seed ({seed}), num_streams ({num_streams}) and num_workers "
-                            f"({num_workers}) must be >= 0, prefetch_factor ({prefetch_factor}) >= 1")
+        if min(seed, num_streams, num_workers, shard_prefetch_threads) < 0 or prefetch_factor < 1:
+            raise DataError(f"seed ({seed}), num_streams ({num_streams}), num_workers "
+                            f"({num_workers}) and shard_prefetch_threads ({shard_prefetch_threads}) "
+                            f"must be >= 0, prefetch_factor ({prefetch_factor}) >= 1")
         if on_corrupt not in ("error", "skip"):
             raise DataError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
         self.blend = path if isinstance(path, Blend) else Blend.single(path)
@@ -84,6 +87,7 @@ class PackedStream:
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.shard_prefetch_threads = shard_prefetch_threads
         self.on_corrupt, self.eod_mask_loss = on_corrupt, eod_mask_loss
         self.eod = self.datasets[0].eod
         self._context = [d.context_len for d in self.datasets]
@@ -97,6 +101,7 @@ class PackedStream:
                             f"documents, fewer than dp_size={dp_size}; every rank needs one")
         n = num_streams or min(max(AUTO_STREAMS, dp_size * max(1, num_workers)), smallest.n_docs)
         self._pool = None
+        self.wait_s = 0.0  # seconds spent in __next__: reading, packing, waiting for workers
         self._layout(n, rr=0, base_tokens=0, states={})
 
     # -- layout --------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ class PackedStream:
         self._states = {v: states[v] for v in self.rank_streams if v in states}
         self._live = None if self.workers else build_streams(
             self.rank_streams, self.datasets, self.blend, n, self.seed, self.on_corrupt,
-            self._states)
+            self._states, self.shard_prefetch_threads)
 
     @property
     def tokens_per_batch(self) -> int:
@@ -146,6 +151,13 @@ class PackedStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            return self._next()
+        finally:
+            self.wait_s += time.perf_counter() - t0
+
+    def _next(self) -> dict[str, torch.Tensor]:
         if self._live is not None:
             before = self._sched.tokens_before(self._j)  # the same for the micro-batch's rows
             rows = [self._live[v].next_row(self.seq_len, before)
@@ -164,6 +176,7 @@ class PackedStream:
         s = self._sched
         spec = {"blend": self.blend, "datasets": self.datasets, "n_streams": self.num_streams,
                 "seed": self.seed, "on_corrupt": self.on_corrupt,
+                "prefetch_threads": self.shard_prefetch_threads,
                 "schedule": (s.streams, s.position(self._j), s.tokens_before(self._j), s.seq_len,
                              s.micro_batch, s.dp_size)}
         self._pool = WorkerPool(spec, self.workers, dict(self._states), self.prefetch_factor)
@@ -326,10 +339,13 @@ class PackedStream:
 
     # -- workers -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop worker processes (they also stop when the stream is garbage-collected)."""
+        """Stop worker processes and queued shard checks (both also stop when the stream is
+        garbage-collected)."""
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is not None:
             pool.close()
+        if getattr(self, "_live", None):  # the streams share one cache
+            next(iter(self._live.values())).cache.cancel_prefetch()
 
     def __enter__(self) -> Self:
         return self
@@ -362,5 +378,6 @@ def build_stream(cfg, seq_len: int, micro_batch: int, dp_rank: int = 0, dp_size:
     return PackedStream(
         blend_from_config(cfg, total_tokens), seq_len, micro_batch, dp_rank, dp_size, seed,
         tokenizer_fingerprint, num_streams=cfg.num_streams, num_workers=cfg.num_workers,
-        prefetch_factor=cfg.prefetch_factor, on_corrupt=cfg.on_corrupt,
+        prefetch_factor=cfg.prefetch_factor, shard_prefetch_threads=cfg.shard_prefetch_threads,
+        on_corrupt=cfg.on_corrupt,
         eod_mask_loss=cfg.eod_mask_loss)

@@ -114,7 +114,14 @@ class SubStream:
             lengths = opened.lengths[docs]
             cur = self._cur = (first, end, opened.starts[docs].tolist(), lengths.tolist(),
                                np.cumsum(lengths + 1).tolist(), opened.tokens)
+            # The shard this stream reads after this one: fetched and checked meanwhile.
+            after = (self.epoch, hi) if hi < self.b else (self.epoch + 1, self.a)
+            self.cache.prefetch(self.ds, self.ds.locate(self.seed, *after)[0])
         return cur
+
+    def prefetch(self) -> None:
+        """Have the shard at the packer's position fetched and checked in the background."""
+        self.cache.prefetch(self.ds, self.ds.locate(self.seed, self.epoch, self.a + self.pos)[0])
 
     def _skip(self, e: CorruptShard, shard_end: int) -> None:
         """Skip the rest of a corrupt shard's documents in this span (or raise, by policy)."""
@@ -205,7 +212,7 @@ class Stream:
 
     def __init__(self, index: int, datasets: list[Dataset], blend: Blend, n_streams: int,
                  seed: int, cache: ShardCache, on_corrupt: str):
-        self.index, self.datasets, self.blend = index, datasets, blend
+        self.index, self.datasets, self.blend, self.cache = index, datasets, blend, cache
         self._args = (n_streams, seed, cache, on_corrupt)
         self.subs: dict[int, SubStream] = {}
         self.counts = [[0] * len(datasets) for _ in blend.phases]
@@ -276,11 +283,18 @@ class RowSchedule:
 
 
 def build_streams(ids: list[int], datasets: list[Dataset], blend: Blend, n_streams: int, seed: int,
-                  on_corrupt: str, states: dict[int, dict] | None = None) -> dict[int, Stream]:
-    """The `Stream`s `ids` of this process (sharing one shard cache), loaded from `states`."""
-    cache = ShardCache(capacity=max(16, 2 * len(ids)))
+                  on_corrupt: str, states: dict[int, dict] | None = None,
+                  prefetch_threads: int = 0) -> dict[int, Stream]:
+    """The `Stream`s `ids` of this process (sharing one shard cache), loaded from `states`;
+    `prefetch_threads` fetch and check the shards they read next in the background."""
+    cache = ShardCache(capacity=max(16, 2 * len(ids)), prefetch_threads=prefetch_threads)
     streams = {v: Stream(v, datasets, blend, n_streams, seed, cache, on_corrupt) for v in ids}
     for v, s in (states or {}).items():
         if v in streams:
             streams[v].load_state_dict(s)
+    if prefetch_threads:  # the first rows' shards, in the order the rows are read
+        used = [d for d in range(len(datasets)) if any(p.weights[d] > 0 for p in blend.phases)]
+        for s in streams.values():
+            for d in used:
+                s.sub(d).prefetch()
     return streams

@@ -32,7 +32,7 @@ def _worker_main(spec: dict, w: int, n_workers: int, states: dict, out) -> None:
         sched = RowSchedule(*spec["schedule"])
         mine = [v for p, v in enumerate(sched.streams) if p % n_workers == w]
         streams = build_streams(mine, spec["datasets"], spec["blend"], spec["n_streams"],
-                                spec["seed"], spec["on_corrupt"], states)
+                                spec["seed"], spec["on_corrupt"], states, spec["prefetch_threads"])
         B, S = sched.micro_batch, sched.seq_len
         i = 0
         while True:

@@ -31,6 +31,8 @@ def test_train_writes_metrics_config_and_checkpoint(trained):
                 "moe/layer2/max_over_mean", "moe/layer5/max_over_mean"):
         assert key in rows[0]
     assert all(m["moe/max_over_mean"] >= 1.0 for m in rows)
+    # The loader's share of each step: measured, and part of the step's time.
+    assert all(0 < m["data/wait_s"] < m["step_time_s"] for m in rows)
     assert rows[-1]["tokens"] == 12 * 4 * 64
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
     assert "pattern: M*EM-E" in (run / "config.yaml").read_text()

@@ -101,6 +101,45 @@ def test_damaged_remote_shard_names_the_url_and_is_fetched_again(served, mirror)
     batches(url, n=80, num_streams=1)
 
 
+def test_shards_are_fetched_ahead_and_a_failed_fetch_surfaces_where_the_stream_reads(
+        served, mirror, monkeypatch):
+    """The prefetch thread downloads the shard a stream reads next; when that download fails, the
+    error is raised where the stream reaches the shard, as without prefetching."""
+    from concurrent.futures import wait
+
+    from hymoe.data import stream as stream_mod
+
+    monkeypatch.setattr(stream_mod, "_FILL_TOKENS", 256)  # pack 2 rows ahead: shards stay apart
+    url, directory = served
+
+    def settle(s):  # let the prefetch thread finish what it was given
+        for st in s._live.values():
+            wait(list(st.sub(0).cache._pending.values()))
+
+    _, s = batches(url, n=1, num_streams=1)
+    settle(s)
+    cache = s._live[0].sub(0).cache
+    opened = {p.name for p in mirror.rglob("shard-*.tar")}
+    assert len(opened) == len(cache._open) + 1  # and the next one, not opened yet
+    # Now a shard in the middle of the order cannot be fetched.
+    order = [int(i) for i in s.epoch_documents("data", 0, 0)[:, 0]]
+    gone = load_manifest(directory)["shards"][order[-1]]["name"]
+    (directory / gone).unlink()
+    results = []
+    for threads in (0, 1):
+        shutil.rmtree(mirror)
+        s = PackedStream(url, seq_len=128, micro_batch=2, seed=3, num_streams=1,
+                         shard_prefetch_threads=threads)
+        got = []
+        with pytest.raises(DataError, match=rf"{url}/{gone}: could not fetch") as e:
+            for _ in range(200):
+                got.append(next(s))
+                settle(s)
+        results.append((got, str(e.value)))
+    assert results[0][1] == results[1][1] and len(results[0][0]) > 2
+    same(results[1][0], results[0][0])
+
+
 def test_verify_a_url(served, mirror):
     url, directory = served
     assert verify(url) == []

@@ -305,7 +305,7 @@ class Trainer:
             while self.step < stop:
                 position = self.data.state_dict()
                 self.telemetry.start_step(self.step + 1)
-                t0 = time.perf_counter()
+                t0, wait0 = time.perf_counter(), self.data.wait_s
                 r = train_step(
                     self.chunks, self.optimizer, self.scheduler, self.data, self.micro_per_step,
                     cfg.train.seq_len, cfg.train.micro_batch, step=self.step + 1,
@@ -323,6 +323,7 @@ class Trainer:
                 m.update(throughput_metrics(m["tokens_per_s"], self.flops_per_token, dist.get_world_size()))
                 m.update(r.extra)
                 m.update(self.data.metrics())  # data/phase, data/share/<name>, data/skipped_*
+                m["data/wait_s"] = self.data.wait_s - wait0  # of step_time_s: the loader's part
                 if r.skipped:
                     m["data_position"] = {"tokens": position.get("tokens"), "rr": position.get("rr")}
                 history.append(m)
