@@ -134,3 +134,4 @@ def test_a_needed_shard_is_not_queued_behind_other_jobs(clean):
 def test_config_rejects_negative_threads():
     with pytest.raises(DataError, match="data.shard_prefetch_threads"):
         DataConfig(path="x", shard_prefetch_threads=-1).validate()
+

@@ -45,12 +45,18 @@ class MetricsFile(Callback):
 
 
 class ConsoleProgress(Callback):
-    """A rich progress bar plus a line every ``log_interval`` steps."""
+    """A rich progress bar plus a line every ``log_interval`` steps. The line shows the loader's
+    share of the step time (``data/wait_s``); above ``SLOW_DATA`` over a logging interval, it says
+    once what to change."""
+
+    SLOW_DATA = 0.2
 
     def __init__(self, log_interval: int, enabled: bool = True):
         self.log_interval = log_interval
         self.enabled = enabled
         self._progress = None
+        self._wait = self._time = 0.0  # since the last line
+        self._warned = False
 
     def on_train_start(self, trainer):
         if not trainer.is_logger:
@@ -74,16 +80,28 @@ class ConsoleProgress(Callback):
             return
         if self._progress:
             self._progress.update(self._task, completed=m["step"], loss=f"{m['loss']:.4f}")
+        self._wait += m.get("data/wait_s", 0.0)
+        self._time += m["step_time_s"]
         if m["step"] % self.log_interval == 0 or m["step"] == trainer.cfg.train.steps:
+            data = self._wait / self._time if self._time > 0 else 0.0
+            self._wait = self._time = 0.0
             self.console.print(
                 f"step {m['step']:>6}/{trainer.cfg.train.steps} | loss {m['loss']:.4f} | "
                 f"lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f} | "
                 f"tok/s {m['tokens_per_s']:,.0f} | "
                 + (f"MFU {m['mfu']:.1%} | " if "mfu" in m else f"TFLOP/s {m['tflops_per_rank']:.3f} | ")
-                + f"tokens {m['tokens']:,}"
+                + f"tokens {m['tokens']:,} | data {data:.0%}"
                 + "".join(f" | {k} {v:.4f}" for k, v in m.items() if k.startswith("mtp_loss/"))
                 + (" | SKIPPED" if m["skipped"] else "")
             )
+            if data > self.SLOW_DATA and not self._warned:
+                self._warned = True
+                self.console.print(
+                    f"[yellow]the data loader took {data:.0%} of the step time (data/wait_s in "
+                    "metrics.jsonl): training waits for data. If reads block (network file systems, "
+                    "object stores), raise data.shard_prefetch_threads or data.num_workers; see "
+                    "docs/data.md, Speed[/yellow]"
+                )
 
     def on_train_end(self, trainer):
         if self._progress:
