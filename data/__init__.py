@@ -4,7 +4,8 @@ Imports nothing else from hymoe; the trainer hands it its DP rank and world size
 from hymoe.data.blend import Blend, Source
 from hymoe.data.corpus import demo_corpus_files
 from hymoe.data.errors import DataError
-from hymoe.data.manifest import load_manifest, verify
+from hymoe.data.manifest import load_manifest
+from hymoe.data.verify import verify
 from hymoe.data.tokenizer import eod_id, fingerprint, load_tokenizer, train_bpe
 
 __all__ = [

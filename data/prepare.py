@@ -24,6 +24,7 @@ import numpy as np
 from hymoe.data import tokenizer as tk
 from hymoe.data.errors import DataError
 from hymoe.data.manifest import MANIFEST_FILE, VERSION, load_manifest, write_manifest
+from hymoe.data.progress import byte_progress
 from hymoe.data.shards import DTYPES, dtype_for_vocab, shard_name, write_shard
 
 STATE_FILE = "prepare.state.json"
@@ -202,17 +203,6 @@ def _job_key(files: list[Path], shard_tokens: int, tokenizer_spec: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-    return bar, bar.add_task("tokenizing", total=total)
-
-
 def prepare(
     inputs: list[str],
     output: str | Path,
@@ -286,7 +276,7 @@ def prepare(
         pool = None
         encoded = (_encode(tok, c, dtype) for c in chunks)
 
-    bar = _progress(progress, sum(f.stat().st_size for f in files))
+    bar = byte_progress(progress, sum(f.stat().st_size for f in files), "tokenizing")
     pending: list[np.ndarray] = []
     pending_tokens = 0
 

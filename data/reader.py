@@ -9,7 +9,6 @@ mismatch is diagnosed by `manifest.shard_problems`, which names the sample.
 
 from __future__ import annotations
 
-import mmap
 import os
 import weakref
 from collections import OrderedDict
@@ -23,7 +22,7 @@ from hymoe.data.manifest import shard_problems
 from hymoe.data.order import Dataset
 from hymoe.data.prefetch import Prefetcher
 from hymoe.data.remote import fetch, join
-from hymoe.data.shards import member_spans, sha256_file
+from hymoe.data.shards import map_file, member_spans, sha256_file
 
 
 class CorruptShard(DataError):
@@ -39,15 +38,6 @@ class OpenShard:
     def doc(self, i: int) -> np.ndarray:
         s = int(self.starts[i])
         return self.tokens[s : s + int(self.lengths[i])]
-
-
-def _map(path: Path) -> memoryview | bytes:
-    with open(path, "rb") as f:
-        try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (ValueError, OSError):  # empty file, or a file system without mmap
-            return f.read()
-    return memoryview(mm)
 
 
 def check_shard(ds: Dataset, index: int, checked: set) -> tuple[Path, tuple | None]:
@@ -68,7 +58,7 @@ def check_shard(ds: Dataset, index: int, checked: set) -> tuple[Path, tuple | No
     # Hashed by plain sequential reads (a bounded buffer), not through the mapping; the pages it
     # reads stay in the page cache for the mapping.
     if stamp[1] != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-        problems = shard_problems(_map(path), ds.manifest, index)
+        problems = shard_problems(map_file(path), ds.manifest, index)
         if ds.remote:  # fetched again on the next open: the copy may be what broke
             path.unlink(missing_ok=True)
             raise CorruptShard(f"{join(ds.remote, entry['name'])}: corrupt shard: "
@@ -133,7 +123,7 @@ class ShardCache:
             raise
         if stamp is not None:
             self._checked.add(stamp)
-        data = _map(path)
+        data = map_file(path)
         starts, sizes = member_spans(data)
         item = ds.np_dtype.itemsize
         tokens = np.frombuffer(data, dtype=ds.np_dtype, count=len(data) // item)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,16 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def map_file(path: Path) -> memoryview | bytes:
+    """A file's bytes, memory-mapped read-only (the page cache, not the heap)."""
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # empty file, or a file system without mmap
+            return f.read()
+    return memoryview(mm)
 
 
 def sha256_file(path: Path) -> str:

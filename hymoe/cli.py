@@ -149,8 +149,14 @@ def cmd_data(argv: list[str]) -> int:
     prep.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     prep.add_argument("--text-field", default="text",
                       help="the jsonl field / parquet column holding the text (default: text)")
-    ver = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
-    ver.add_argument("dir")
+    ver = sub.add_parser(
+        "verify", help="check every shard against the manifest (exit 1 on problems)",
+        description="Check every shard of a prepared directory (or remote location) against its "
+        "manifest: presence, size, sha256, sample and token counts; a damaged shard is walked to "
+        "name the sample. Prints one line per problem and exits 1 if there is any.")
+    ver.add_argument("dir", help="a prepared directory, an http(s):// URL of one, or a pipe: command")
+    ver.add_argument("--workers", type=int, default=0,
+                     help="shards checked at once, in threads (default: one per CPU, at most 8)")
     demo = sub.add_parser("demo", help="prepare the embedded demo corpus (Python stdlib source)")
     demo.add_argument("--output", required=True)
     demo.add_argument("--vocab", type=int, default=2048)
@@ -169,7 +175,9 @@ def cmd_data(argv: list[str]) -> int:
         elif args.cmd == "verify":
             from hymoe.data import verify
 
-            problems = verify(args.dir)
+            if args.workers < 0:
+                _fail(f"--workers: must be >= 0, got {args.workers}", 2)
+            problems = verify(args.dir, workers=args.workers, progress=True)
             for line in problems:
                 print(line)
             if problems:
