@@ -8,7 +8,8 @@
      as PackedStream's, made the straightforward way) and from disk (cache dropped),
    - the same shards on an HTTP server limited to each `--remote-mb-per-s` per connection (an
      object store's stream; benchmarks/http_server.py): a sequential download vs PackedStream
-     reading the URL from an empty mirror, with its shard prefetch thread and without,
+     reading the URL from an empty mirror, with its shard prefetch threads (the default 2, and
+     1: one connection, as the download) and without,
    - megatron-core's own indexed dataset built from the same tokens (`IndexedDatasetBuilder` →
      .bin/.idx): read document by document with `IndexedDataset.get` and packed like ours, and
      megatron's `GPTDataset` on top of it (its sample index, shuffling and batches of samples).
@@ -136,8 +137,8 @@ def drain(make_stream, tokens: int, S: int, B: int) -> float:
 def cold_rates(shards: list[Path], prepared: Path, tokens: int, S: int, B: int,
                repeats: int) -> tuple[float, float, float]:
     """One pass from disk (wall time): raw sequential read vs a fresh PackedStream reading as many
-    tokens as one epoch holds (manifest, open, sha256 check, pack), with its shard prefetch thread
-    and without. Best of `repeats` passes: (raw, hymoe, hymoe without prefetch)."""
+    tokens as one epoch holds (manifest, open, sha256 check, pack), with its default shard
+    prefetch threads and without. Best of `repeats` passes: (raw, hymoe, hymoe without prefetch)."""
     from hymoe.data import PackedStream
 
     raw, hy = 0.0, [0.0, 0.0]
@@ -149,22 +150,21 @@ def cold_rates(shards: list[Path], prepared: Path, tokens: int, S: int, B: int,
             with open(p, "rb") as f:
                 f.read()
         raw = max(raw, tokens / (time.perf_counter() - t0))
-        for i, threads in enumerate((1, 0)):
+        for i, kw in enumerate(({}, {"shard_prefetch_threads": 0})):
             gc.collect()
             evict(shards)
-            hy[i] = max(hy[i], drain(lambda: PackedStream(prepared, S, B,
-                                                          shard_prefetch_threads=threads),
-                                     tokens, S, B))
+            hy[i] = max(hy[i], drain(lambda: PackedStream(prepared, S, B, **kw), tokens, S, B))
     return raw, *hy
 
 
 def remote_rates(prepared: Path, m: dict, tokens: int, S: int, B: int, mb_per_s: float,
-                 repeats: int) -> tuple[float, float, float]:
+                 repeats: int) -> tuple[float, float, float, float]:
     """The dataset on an HTTP server limited to `mb_per_s` per connection (benchmarks/
     http_server.py, its own process), read once from an empty mirror (wall time): a sequential
     download of its shards vs a fresh PackedStream of the URL reading as many tokens as one epoch
-    holds (manifest, fetch, sha256 check, pack), with its shard prefetch thread and without.
-    Best of `repeats`: (raw, hymoe, hymoe without prefetch)."""
+    holds (manifest, fetch, sha256 check, pack), with its default shard prefetch threads (one
+    connection each), with one (one connection, as the download) and without. Best of `repeats`:
+    (raw, hymoe, hymoe with one thread, without)."""
     import subprocess
     import sys
     import urllib.request
@@ -176,7 +176,7 @@ def remote_rates(prepared: Path, m: dict, tokens: int, S: int, B: int, mb_per_s:
                               stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{int(server.stdout.readline())}"
     old_cache = os.environ.get("HYMOE_DATA_CACHE")
-    raw, hy = 0.0, [0.0, 0.0]
+    raw, hy = 0.0, [0.0, 0.0, 0.0]
     try:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -185,12 +185,11 @@ def remote_rates(prepared: Path, m: dict, tokens: int, S: int, B: int, mb_per_s:
                     while r.read(1 << 20):
                         pass
             raw = max(raw, tokens / (time.perf_counter() - t0))
-            for i, threads in enumerate((1, 0)):
+            for i, kw in enumerate(({}, {"shard_prefetch_threads": 1},
+                                    {"shard_prefetch_threads": 0})):
                 mirror = Path(tempfile.mkdtemp(prefix="hymoe-bench-mirror-"))
                 os.environ["HYMOE_DATA_CACHE"] = str(mirror)
-                hy[i] = max(hy[i], drain(lambda: PackedStream(url, S, B,
-                                                              shard_prefetch_threads=threads),
-                                         tokens, S, B))
+                hy[i] = max(hy[i], drain(lambda: PackedStream(url, S, B, **kw), tokens, S, B))
                 shutil.rmtree(mirror)
     finally:
         server.kill()
@@ -359,8 +358,9 @@ def main() -> None:
     r["raw_cold"], r["hymoe_cold"], r["hymoe_cold_inline"] = (
         (v,) for v in cold_rates(shards, out, stream_tokens, S, B, rep))
     for mbps in args.remote_mb_per_s:
-        r[f"raw_remote@{mbps:g}"], r[f"hymoe_remote@{mbps:g}"], r[f"hymoe_remote_inline@{mbps:g}"] = (
-            (v,) for v in remote_rates(out, m, stream_tokens, S, B, mbps, rep))
+        keys = [f"{k}@{mbps:g}" for k in ("raw_remote", "hymoe_remote", "hymoe_remote_1",
+                                           "hymoe_remote_inline")]
+        r.update(zip(keys, ((v,) for v in remote_rates(out, m, stream_tokens, S, B, mbps, rep))))
     for p in shards:
         p.read_bytes()  # warm the page cache for everything below
 
@@ -440,6 +440,7 @@ def report(r: dict, ratios: dict, args, files: list, n_tok: int, m: dict) -> Non
     for mbps in args.remote_mb_per_s:
         labels[f"raw_remote@{mbps:g}"] = f"raw sequential download, HTTP {mbps:g} MB/s"
         labels[f"hymoe_remote@{mbps:g}"] = "hymoe PackedStream of the URL, empty mirror"
+        labels[f"hymoe_remote_1@{mbps:g}"] = "the same, shard_prefetch_threads=1"
         labels[f"hymoe_remote_inline@{mbps:g}"] = "the same, shard_prefetch_threads=0"
     for key, label in labels.items():
         v = r[key]
@@ -460,7 +461,9 @@ def report(r: dict, ratios: dict, args, files: list, n_tok: int, m: dict) -> Non
         raw_r = r[f"raw_remote@{mbps:g}"][0]
         print(f"  from an HTTP server at {mbps:g} MB/s per connection (wall): "
               f"{r[f'hymoe_remote@{mbps:g}'][0] / raw_r:.0%} of its sequential download "
-              f"({r[f'hymoe_remote_inline@{mbps:g}'][0] / raw_r:.0%} without shard prefetch)")
+              f"({r[f'hymoe_remote_inline@{mbps:g}'][0] / raw_r:.0%} without shard prefetch, "
+              f"{r[f'hymoe_remote_1@{mbps:g}'][0] / raw_r:.0%} with one thread: one connection, "
+              "as the download)")
     contract = ratios["raw_contract"]
     print(f"vs the raw read into the same batch contract (no order, blend, resume or checks): "
           f"{ratios['hymoe'] / contract:.0%} ({ratios['hymoe_1'] / contract:.0%} with one stream)")

@@ -56,7 +56,8 @@ class DataConfig:
     prefetch_factor: int = 2
     # Threads per reading process that fetch and check (sha256) the shards the streams read next,
     # while rows are packed from the current ones (0: fetch and check when a stream gets there).
-    shard_prefetch_threads: int = 1
+    # Each is one connection to an object store: raise to 4-8 there.
+    shard_prefetch_threads: int = 2
     # A shard that fails its manifest check: `error` stops with the shard and sample named;
     # `skip` skips the shard's documents and counts them (metrics `data/skipped_*`).
     on_corrupt: str = "error"

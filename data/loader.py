@@ -66,7 +66,7 @@ class PackedStream:
         num_streams: int = 0,
         num_workers: int = 0,
         prefetch_factor: int = 2,
-        shard_prefetch_threads: int = 1,
+        shard_prefetch_threads: int = 2,
         on_corrupt: str = "error",
         eod_mask_loss: bool = False,
     ):

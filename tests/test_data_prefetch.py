@@ -56,8 +56,8 @@ def test_each_shard_is_hashed_once_and_ahead_of_its_stream(large, monkeypatch):
         next(s)
     names = Counter(name for name, _ in hashed)
     assert len(names) == n_shards and set(names.values()) == {1}
-    # The stream never reached a shard that was not checked already: every hash ran in the thread.
-    assert {t for _, t in hashed} == {"hymoe-shard-prefetch-0"}
+    # The stream never reached a shard that was not checked already: every hash ran in a thread.
+    assert all(t.startswith("hymoe-shard-prefetch-") for _, t in hashed)
 
 
 def test_without_prefetch_the_stream_hashes_inline(clean, monkeypatch):
