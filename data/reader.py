@@ -72,6 +72,13 @@ def _stamp(path: Path) -> tuple[str, int, int]:
     return str(path), st.st_size, st.st_mtime_ns
 
 
+def _unchanged(path: Path, stamp: tuple[str, int, int]) -> bool:
+    try:
+        return _stamp(path) == stamp
+    except OSError:
+        return False
+
+
 class ShardCache:
     """The shards open in this process (LRU), plus what is known to be corrupt.
 
@@ -114,7 +121,7 @@ class ShardCache:
         try:
             if job is not None and not job.cancel():  # running or done: its result is ours
                 path, stamp = job.result()
-                if stamp is not None and _stamp(path) != stamp:  # replaced since: check again
+                if stamp is not None and not _unchanged(path, stamp):  # since: check again
                     path, stamp = check_shard(ds, index, self._checked)
             else:
                 path, stamp = check_shard(ds, index, self._checked)

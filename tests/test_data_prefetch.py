@@ -4,6 +4,7 @@ and errors are those of a loader that checks each shard when it gets there."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from concurrent.futures import wait
@@ -135,3 +136,31 @@ def test_config_rejects_negative_threads():
     with pytest.raises(DataError, match="data.shard_prefetch_threads"):
         DataConfig(path="x", shard_prefetch_threads=-1).validate()
 
+
+
+def test_a_shard_changed_after_its_check_is_checked_again(clean, tmp_path):
+    """A shard replaced or deleted between the background check and the open is not trusted on
+    the old verdict: it is checked again (and a deleted one is reported missing)."""
+    import shutil
+
+    from hymoe.data.blend import Source
+
+    d = tmp_path / "d"
+    shutil.copytree(clean[0], d)
+    ds = Dataset("d", Source(d))
+    cache = ShardCache(prefetch_threads=1)
+    cache.prefetch(ds, 1)
+    wait([cache._pending[(str(ds.path), 1)]])
+    (d / ds.shards[1]["name"]).unlink()
+    with pytest.raises(DataError, match="shard missing"):
+        cache.open(ds, 1)
+    cache.prefetch(ds, 2)
+    wait([cache._pending[(str(ds.path), 2)]])
+    p = d / ds.shards[2]["name"]
+    data = bytearray(p.read_bytes())
+    data[600] ^= 0x01  # same size, another mtime: the earlier verdict no longer holds
+    before = p.stat().st_mtime_ns
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(before + 10**9, before + 10**9))  # whatever the file system's mtime resolution
+    with pytest.raises(DataError, match="corrupt shard"):
+        cache.open(ds, 2)
