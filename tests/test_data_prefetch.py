@@ -34,10 +34,10 @@ def cache_of(stream: PackedStream) -> ShardCache:
 
 @pytest.fixture(scope="module")
 def large(tmp_path_factory):
-    """Shards of ~60k tokens: larger than what a stream packs ahead at once (32k), as real shards
-    (~10⁸ tokens) are, so a stream enters one shard per refill at most."""
+    """8 shards of 60k tokens (12 documents of 5000): each larger than what a stream packs ahead
+    at once (32k), as real shards (~10⁸ tokens) are, so a refill enters one new shard at most."""
     base = tmp_path_factory.mktemp("prefetch_large")
-    return make_dataset(base / "d", make_tokenizer(base), 100, 2000, 8000, shard_tokens=60_000)[0]
+    return make_dataset(base / "d", make_tokenizer(base), 96, 5000, 5000, shard_tokens=60_000)[0]
 
 
 def test_each_shard_is_hashed_once_and_ahead_of_its_stream(large, monkeypatch):
@@ -51,7 +51,7 @@ def test_each_shard_is_hashed_once_and_ahead_of_its_stream(large, monkeypatch):
     monkeypatch.setattr(reader_mod, "sha256_file", spy)
     s = PackedStream(large, 1024, 2, num_streams=1)
     n_shards = len(s.manifest["shards"])
-    assert n_shards >= 5
+    assert n_shards == 8 and {x["tokens"] for x in s.manifest["shards"]} == {60_000}
     for _ in range(s.manifest["totals"]["tokens"] // 2048 + 20):  # more than an epoch
         wait(list(cache_of(s)._pending.values()))  # the prefetch thread is done with what it has
         next(s)
