@@ -105,8 +105,10 @@ def test_multirun_sweeps(demo_data, tmp_path):
 
 
 def test_data_verify_cli(demo_data):
-    r = hymoe("data", "verify", str(demo_data))
+    r = hymoe("data", "verify", str(demo_data), "--workers", "2")
     assert r.returncode == 0 and "match the manifest" in r.stdout
+    r = hymoe("data", "verify", str(demo_data), "--workers", "-1")
+    assert r.returncode == 2 and "--workers: must be >= 0" in r.stderr
 
 
 def test_nvfp4_mtp_resume_repeats_stochastic_rounding(demo_data, tmp_path):
