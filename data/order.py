@@ -20,7 +20,7 @@ import numpy as np
 from hymoe.data.blend import Source
 from hymoe.data.errors import DataError
 from hymoe.data.manifest import first_keys, load_manifest
-from hymoe.data.remote import is_remote, mirror_dir
+from hymoe.data.remote import cache_limit, is_remote, mirror_dir
 from hymoe.data.shards import DTYPES
 
 
@@ -32,6 +32,8 @@ class Dataset:
         # A remote dataset is read from its local mirror; shards arrive as streams need them.
         self.remote = str(source.path) if is_remote(source.path) else None
         self.path = mirror_dir(self.remote) if self.remote else Path(source.path)
+        if self.remote:
+            cache_limit()  # a bad $HYMOE_DATA_CACHE_GB fails now, not at the first fetch
         self.manifest = m = load_manifest(self.remote or self.path)
         tok = m["tokenizer"]
         self.fingerprint, self.eod, self.vocab_size = tok["fingerprint"], tok["eod_id"], tok["vocab_size"]

@@ -21,7 +21,7 @@ from hymoe.data.errors import DataError
 from hymoe.data.manifest import shard_problems
 from hymoe.data.order import Dataset
 from hymoe.data.prefetch import Prefetcher
-from hymoe.data.remote import fetch, join
+from hymoe.data.remote import fetch, join, mark_used
 from hymoe.data.shards import map_file, member_spans, sha256_file
 
 
@@ -47,12 +47,15 @@ def check_shard(ds: Dataset, index: int, checked: set) -> tuple[Path, tuple | No
     fails. Touches nothing but the shard file, so a prefetch thread can run it."""
     entry = ds.shards[index]
     path = ds.path / entry["name"]
-    if ds.remote and not path.is_file():
-        path = fetch(ds.remote, entry["name"])
-    try:
-        stamp = _stamp(path)
-    except FileNotFoundError:
-        raise CorruptShard(f"{path}: shard missing") from None
+    for attempt in range(2):  # a mirror's copy may be trimmed by another process meanwhile
+        if ds.remote and not path.is_file():
+            path = fetch(ds.remote, entry["name"])
+        try:
+            stamp = _stamp(path)
+            break
+        except FileNotFoundError:
+            if not ds.remote or attempt:
+                raise CorruptShard(f"{path}: shard missing") from None
     if stamp in checked:
         return path, None
     # Hashed by plain sequential reads (a bounded buffer), not through the mapping; the pages it
@@ -130,7 +133,15 @@ class ShardCache:
             raise
         if stamp is not None:
             self._checked.add(stamp)
-        data = map_file(path)
+        try:
+            data = map_file(path)
+        except FileNotFoundError:
+            if not ds.remote:  # deleted since its check
+                raise CorruptShard(f"{path}: shard missing") from None
+            path, _ = check_shard(ds, index, set())  # trimmed from the mirror: fetched again
+            data = map_file(path)
+        if ds.remote:
+            mark_used(path)  # the mirror's trim deletes the least recently used shards
         starts, sizes = member_spans(data)
         item = ds.np_dtype.itemsize
         tokens = np.frombuffer(data, dtype=ds.np_dtype, count=len(data) // item)

@@ -11,6 +11,11 @@ folder per location) under a temporary name and is renamed into place only when 
 reader memory-maps and checks it exactly like a local shard: a shard whose sha256 differs from the
 manifest is an error naming the location and the shard, never read. Processes that share the
 mirror (ranks, loader workers) reuse what another has fetched.
+
+With ``$HYMOE_DATA_CACHE_GB`` set, a location's mirror keeps at most that many GB of shards: after
+each fetch the least recently opened shards are deleted (the reader marks a shard's access time
+when it opens one). A process that has a deleted shard open keeps reading it (its mapping holds
+the file until closed); one that needs it again fetches it again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import os
 import shlex
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,6 +53,50 @@ def mirror_dir(location: str) -> Path:
     return root / hashlib.sha256(location.encode()).hexdigest()[:24]
 
 
+def cache_limit() -> int | None:
+    """``$HYMOE_DATA_CACHE_GB`` in bytes (None: unset, no limit)."""
+    value = os.environ.get("HYMOE_DATA_CACHE_GB", "").strip()
+    if not value:
+        return None
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = float("nan")
+    if not gb > 0:
+        raise DataError(f"HYMOE_DATA_CACHE_GB={value!r}: give the most GB of shards a remote "
+                        "dataset's local mirror may keep (e.g. 500), or unset it for no limit")
+    return int(gb * 1e9)
+
+
+def mark_used(path: Path) -> None:
+    """Make `path` the most recently used shard of its mirror (its access time; the modification
+    time, part of the reader's checked stamp, stays)."""
+    try:
+        st = os.stat(path)
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    except OSError:  # deleted meanwhile by another process's trim: it will be fetched again
+        pass
+
+
+def trim(directory: Path, limit: int, keep: Path) -> None:
+    """Delete the least recently used shards of a mirror folder until its shards take at most
+    `limit` bytes; `keep` (the shard just fetched) stays whatever its size."""
+    shards = []
+    for p in directory.glob("*.tar"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        shards.append((st.st_atime_ns, st.st_size, p))
+    total = sum(size for _, size, _ in shards)
+    for _, size, p in sorted(shards):
+        if total <= limit:
+            break
+        if p != keep:
+            p.unlink(missing_ok=True)
+            total -= size
+
+
 def fetch(location: str, name: str, refresh: bool = False) -> Path:
     """File ``name`` of the remote dataset at ``location``, in its local mirror."""
     out = mirror_dir(location) / name
@@ -64,6 +114,9 @@ def fetch(location: str, name: str, refresh: bool = False) -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    limit = cache_limit()
+    if limit is not None:
+        trim(out.parent, limit, keep=out)
     return out
 
 

@@ -55,12 +55,16 @@ def verify(path: str | Path, workers: int = 0, progress: bool = False) -> list[s
 
     def check(i: int) -> list[str]:
         name = m["shards"][i]["name"]
-        if line := refetch(name):
-            return [line]
-        p = directory / name
-        if not p.is_file():
-            return [f"{name}: missing"]
-        return [f"{name}: {line}" for line in shard_problems(map_file(p), m, i)]
+        for attempt in range(2):  # a fetched copy may be trimmed from the mirror before it is read
+            if line := refetch(name):
+                return [line]
+            try:
+                data = map_file(directory / name)
+                break
+            except FileNotFoundError:
+                if not remote or attempt:
+                    return [f"{name}: missing"]
+        return [f"{name}: {line}" for line in shard_problems(data, m, i)]
 
     bar = byte_progress(progress, m["totals"]["bytes"], "verifying")
     threads = workers or min(8, os.cpu_count() or 1)

@@ -5,6 +5,7 @@ a URL; a failing command says which and why."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import random
@@ -138,6 +139,45 @@ def test_shards_are_fetched_ahead_and_a_failed_fetch_surfaces_where_the_stream_r
         results.append((got, str(e.value)))
     assert results[0][1] == results[1][1] and len(results[0][0]) > 2
     same(results[1][0], results[0][0])
+
+
+def test_the_mirror_keeps_at_most_its_limit_and_loses_nothing(prepared, served, mirror,
+                                                              monkeypatch):
+    """With $HYMOE_DATA_CACHE_GB the mirror's shards stay under the limit (plus the one being
+    fetched) while the stream reads more than an epoch; trimmed shards are fetched again when
+    needed, and the batches are those of the local directory."""
+    from concurrent.futures import wait
+
+    from hymoe.data import stream as stream_mod
+
+    monkeypatch.setattr(stream_mod, "_FILL_TOKENS", 256)  # pack 2 rows ahead: shards stay apart
+    url, _ = served
+    m = load_manifest(prepared)
+    biggest = max(s["bytes"] for s in m["shards"])
+    limit = int(2.5 * biggest)
+    monkeypatch.setenv("HYMOE_DATA_CACHE_GB", str(limit / 1e9))
+    n = (m["totals"]["tokens"] + m["totals"]["documents"]) // 256 + 20  # more than an epoch
+    local, _ = batches(prepared, n=n, num_streams=1)
+    def held() -> int:
+        total = 0
+        for p in mirror.rglob("*.tar"):  # a prefetch thread may trim one meanwhile
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+        return total
+
+    s = PackedStream(url, seq_len=128, micro_batch=2, seed=3, num_streams=1)
+    got = []
+    for _ in range(n):
+        got.append(next(s))
+        # Over the limit only by shards whose fetch just ended (2 threads and the stream itself).
+        assert held() <= limit + 3 * biggest
+    same(got, local)
+    wait(list(s._live[0].sub(0).cache._pending.values()))
+    assert held() <= limit + biggest  # each fetch trims to the limit, keeping only itself over it
+    assert len(list(mirror.rglob("*.tar"))) < len(m["shards"])  # some were trimmed
+    monkeypatch.setenv("HYMOE_DATA_CACHE_GB", "lots")
+    with pytest.raises(DataError, match="HYMOE_DATA_CACHE_GB='lots'"):
+        PackedStream(url, seq_len=128, micro_batch=2)
 
 
 def test_verify_a_url(served, mirror):
