@@ -213,14 +213,15 @@ class Stream:
     def __init__(self, index: int, datasets: list[Dataset], blend: Blend, n_streams: int,
                  seed: int, cache: ShardCache, on_corrupt: str):
         self.index, self.datasets, self.blend, self.cache = index, datasets, blend, cache
-        self._args = (n_streams, seed, cache, on_corrupt)
+        self._n_streams, self._seed, self._on_corrupt = n_streams, seed, on_corrupt
         self.subs: dict[int, SubStream] = {}
         self.counts = [[0] * len(datasets) for _ in blend.phases]
         self._foreign: dict[str, dict] = {}  # sub-states of datasets this blend lacks, kept
 
     def sub(self, d: int) -> SubStream:
         if d not in self.subs:
-            self.subs[d] = SubStream(self.datasets[d], self.index, *self._args)
+            self.subs[d] = SubStream(self.datasets[d], self.index, self._n_streams, self._seed,
+                                     self.cache, self._on_corrupt)
         return self.subs[d]
 
     def next_row(self, seq_len: int, global_tokens: int) -> tuple[np.ndarray, int, list[int]]:
