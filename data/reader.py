@@ -120,26 +120,11 @@ class ShardCache:
             self._open.move_to_end(key)
             return self._open[key]
         entry = ds.shards[index]
-        job = self._pending.pop(key, None)
         try:
-            if job is not None and not job.cancel():  # running or done: its result is ours
-                path, stamp = job.result()
-                if stamp is not None and not _unchanged(path, stamp):  # since: check again
-                    path, stamp = check_shard(ds, index, self._checked)
-            else:
-                path, stamp = check_shard(ds, index, self._checked)
+            path, data = self._check_and_map(ds, index, self._pending.pop(key, None))
         except CorruptShard as e:
             self._corrupt[key] = str(e)
             raise
-        if stamp is not None:
-            self._checked.add(stamp)
-        try:
-            data = map_file(path)
-        except FileNotFoundError:
-            if not ds.remote:  # deleted since its check
-                raise CorruptShard(f"{path}: shard missing") from None
-            path, _ = check_shard(ds, index, set())  # trimmed from the mirror: fetched again
-            data = map_file(path)
         if ds.remote:
             mark_used(path)  # the mirror's trim deletes the least recently used shards
         starts, sizes = member_spans(data)
@@ -155,6 +140,29 @@ class ShardCache:
         while len(self._open) > self.capacity:
             self._open.popitem(last=False)
         return shard
+
+
+    def _check_and_map(self, ds: Dataset, index: int,
+                       job: Future | None) -> tuple[Path, memoryview | bytes]:
+        """Shard `index` checked (by its prefetch `job` if that has started) and mapped."""
+        if job is not None and not job.cancel():  # running or done: its result is ours
+            path, stamp = job.result()
+            if stamp is not None and not _unchanged(path, stamp):  # since: check again
+                path, stamp = check_shard(ds, index, self._checked)
+        else:
+            path, stamp = check_shard(ds, index, self._checked)
+        if stamp is not None:
+            self._checked.add(stamp)
+        try:
+            return path, map_file(path)
+        except FileNotFoundError:
+            if not ds.remote:  # deleted since its check
+                raise CorruptShard(f"{path}: shard missing") from None
+        # Trimmed from the mirror since its check: fetched and checked again.
+        path, stamp = check_shard(ds, index, self._checked)
+        if stamp is not None:
+            self._checked.add(stamp)
+        return path, map_file(path)
 
 
 def _cancel(pending: dict[tuple[str, int], Future]) -> None:

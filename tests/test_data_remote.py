@@ -209,3 +209,26 @@ def test_datasets_relative_to_a_remote_base():
     sources = blend_from_config(cfg).sources
     assert [s.path for s in sources] == [
         "https://example.org/corpus/web", "https://example.org/corpus/s3code", "pipe:cat /x/{}"]
+
+
+def test_a_shard_trimmed_between_check_and_open_is_fetched_again(served, mirror, monkeypatch):
+    """Another process's trim can delete a mirror's shard after this process checked it and before
+    it maps it: the shard is fetched and checked again, not reported missing."""
+    from hymoe.data import reader as reader_mod
+    from hymoe.data.blend import Source
+    from hymoe.data.order import Dataset
+
+    url, _ = served
+    ds = Dataset("web", Source(url))
+    real, calls = reader_mod.map_file, []
+
+    def trimmed_first(path):
+        calls.append(path)
+        if len(calls) == 1:
+            path.unlink()  # as a trim elsewhere would
+            raise FileNotFoundError(path)
+        return real(path)
+
+    monkeypatch.setattr(reader_mod, "map_file", trimmed_first)
+    shard = reader_mod.ShardCache().open(ds, 1)
+    assert len(calls) == 2 and len(shard.starts) == ds.shards[1]["documents"]
