@@ -19,7 +19,8 @@ this process (tokens per CPU-second: what one process does with a core to itself
 that run this are shared, and CPU time is what contention disturbs least). Reads from disk or the
 HTTP server and the worker-process row are wall time only. The streams and the raw read into
 batches are measured in turns (2·repeats+1 rounds) and compared by the median of their per-round
-ratios, which load on the machine moves least. Goals (issue 6): ≥ 5 M tokens/s per process streamed and ≥ 80% of the raw read.
+ratios, which load on the machine moves least. Goals (issue 6): ≥ 5 M tokens/s per process
+streamed and ≥ 80% of the raw read.
 
     python benchmarks/data.py [--max-bytes 10000000] [--seq-len 4096] [--micro-batch 4]
                               [--remote-mb-per-s 90 400] [--json F]

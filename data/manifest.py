@@ -145,9 +145,9 @@ def shard_problems(data: bytes | memoryview, m: dict, index: int) -> list[str]:
         starts, sizes = member_spans(data)
         if len(starts) != s["documents"]:
             problems.append(f"{len(starts)} samples, manifest says {s['documents']}")
-        if int(sizes.sum()) // DTYPES[dtype].itemsize != s["tokens"]:
-            problems.append(f"{int(sizes.sum()) // DTYPES[dtype].itemsize} tokens, manifest says "
-                            f"{s['tokens']}")
+        tokens = int(sizes.sum()) // DTYPES[dtype].itemsize
+        if tokens != s["tokens"]:
+            problems.append(f"{tokens} tokens, manifest says {s['tokens']}")
         return problems
     docs: list = []
     try:

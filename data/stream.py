@@ -115,13 +115,15 @@ class SubStream:
             cur = self._cur = (first, end, opened.starts[docs].tolist(), lengths.tolist(),
                                np.cumsum(lengths + 1).tolist(), opened.tokens)
             # The shard this stream reads after this one: fetched and checked meanwhile.
-            after = (self.epoch, hi) if hi < self.b else (self.epoch + 1, self.a)
-            self.cache.prefetch(self.ds, self.ds.locate(self.seed, *after)[0])
+            self.prefetch(*((self.epoch, hi) if hi < self.b else (self.epoch + 1, self.a)))
         return cur
 
-    def prefetch(self) -> None:
-        """Have the shard at the packer's position fetched and checked in the background."""
-        self.cache.prefetch(self.ds, self.ds.locate(self.seed, self.epoch, self.a + self.pos)[0])
+    def prefetch(self, epoch: int | None = None, position: int | None = None) -> None:
+        """Have the shard holding `position` of `epoch`'s order (default: the packer's position)
+        fetched and checked in the background."""
+        if epoch is None:
+            epoch, position = self.epoch, self.a + self.pos
+        self.cache.prefetch(self.ds, self.ds.locate(self.seed, epoch, position)[0])
 
     def _skip(self, e: CorruptShard, shard_end: int) -> None:
         """Skip the rest of a corrupt shard's documents in this span (or raise, by policy)."""
