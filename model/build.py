@@ -154,7 +154,7 @@ def build_model(
     stack = hybrid_stack_submodules(model.num_experts if uses_moe else None)
     spec = ModuleSpec(module=HybridStack, submodules=stack,
                       params={} if vp_stage is None else {"vp_stage": vp_stage})
-    kwargs = {}
+    kwargs = {"vp_stage": vp_stage}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
     if model.mtp_depths:
@@ -172,14 +172,4 @@ def build_model(
         position_embedding_type="none",
         **kwargs,
     )
-    if vp_stage is not None:
-        _place_chunk(hybrid, vp_stage)
     return hybrid
-
-
-def _place_chunk(model: HybridModel, vp_stage: int) -> None:
-    """megatron-core's MambaModel takes no ``vp_stage`` (its GPTModel does), yet megatron reads it
-    to tell whether a chunk holds the embedding group's copy (``_is_in_embd_group``: which chunks
-    all-reduce the tied weights' gradients). HybridModel's own tie at construction does not need
-    it (``HybridModel.setup_embeddings_and_output_layer``)."""
-    model.vp_stage = vp_stage

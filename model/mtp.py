@@ -86,8 +86,8 @@ class SharedLayerMTPBlock(MultiTokenPredictionBlock):
     Built with a single layer rather than the same module listed twice: a module listed twice
     would be saved under two checkpoint keys with conflicting tensor-parallel sharding."""
 
-    def __init__(self, config, spec, depths: int, pg_collection=None):
-        super().__init__(config=config, spec=spec, pg_collection=pg_collection)
+    def __init__(self, config, spec, depths: int, vp_stage=None, pg_collection=None):
+        super().__init__(config=config, spec=spec, vp_stage=vp_stage, pg_collection=pg_collection)
         assert len(self.layers) == 1
         self.depths = depths
 
@@ -128,8 +128,12 @@ class HybridModel(MambaModel):
     _stage_built = False
 
     def __init__(self, *args, mtp_layer_spec: ModuleSpec | None = None, mtp_depths: int = 0,
-                 mtp_shared_layer: bool = False, **kwargs):
+                 mtp_shared_layer: bool = False, vp_stage: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # This model chunk's virtual pipeline stage. megatron-core 0.16.1's MambaModel takes none
+        # (its GPTModel does), yet megatron reads it to tell whether a chunk holds the embedding
+        # group's copy (``_is_in_embd_group``), and the MTP layers number themselves from it.
+        self.vp_stage = vp_stage
         self.mtp_process = mtp_layer_spec is not None and self.post_process
         self.mtp_depths = mtp_depths
         # Per depth: [loss sum, tokens] accumulated over microbatches; the train step reads and
@@ -138,12 +142,13 @@ class HybridModel(MambaModel):
         if self.mtp_process:
             if mtp_shared_layer:
                 self.mtp = SharedLayerMTPBlock(
-                    self.config, mtp_block_spec(mtp_layer_spec, 1), mtp_depths, self.pg_collection
+                    self.config, mtp_block_spec(mtp_layer_spec, 1), mtp_depths,
+                    vp_stage=vp_stage, pg_collection=self.pg_collection,
                 )
             else:
                 self.mtp = MultiTokenPredictionBlock(
                     config=self.config, spec=mtp_block_spec(mtp_layer_spec, mtp_depths),
-                    pg_collection=self.pg_collection,
+                    vp_stage=vp_stage, pg_collection=self.pg_collection,
                 )
             self.mtp_report = torch.zeros(mtp_depths, 2, dtype=torch.float64)
             if not self.pre_process:

@@ -128,14 +128,16 @@ def test_nvfp4_mtp_resume_repeats_stochastic_rounding(demo_data, tmp_path):
 
 
 @pytest.mark.distributed
-def test_mtp_under_pipeline_parallelism_trains_and_resumes(demo_data, tmp_path):
-    """An MTP depth on the last of two pipeline stages, with tied embeddings: that stage embeds
-    MTP's tokens with its copy of the embedding (also its output weight), rank 0 (the first stage)
-    logs the MTP loss, and the checkpoint, where the copy is a replica of the first stage's
-    embedding, resumes."""
+@pytest.mark.parametrize("vpp", [1, 3])
+def test_mtp_under_pipeline_parallelism_trains_and_resumes(demo_data, tmp_path, vpp):
+    """An MTP depth on the last of two pipeline stages (with vpp=3: the last of six one-layer
+    chunks), with tied embeddings: that stage embeds MTP's tokens with its copy of the embedding
+    (also its output weight), rank 0 (the first stage) logs the MTP loss, and the checkpoint, where
+    the copy is a replica of the first stage's embedding, resumes."""
     run = tmp_path / "run"
-    args = ["train", "tiny", *FAST, "train.steps=3", "parallel.pp=2", "model.pattern=M*EM-E/*E",
-            "model.untie_embeddings_and_output_weights=false", f"run.dir={run}", f"data.path={demo_data}"]
+    args = ["train", "tiny", *FAST, "train.steps=3", "parallel.pp=2", f"parallel.vpp={vpp}",
+            "model.pattern=M*EM-E/*E", "model.untie_embeddings_and_output_weights=false",
+            f"run.dir={run}", f"data.path={demo_data}"]
     r = hymoe_torchrun(2, *args, "train.exit_at_step=2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = hymoe_torchrun(2, *args)

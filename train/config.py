@@ -166,11 +166,6 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
         cfg.parallel.check_microbatches(t.global_batch // (t.micro_batch * dp))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.model.mtp_depths and cfg.parallel.vpp > 1:
-        raise ConfigError(
-            "parallel.vpp: Multi-Token Prediction (the '/' depths of model.pattern) is not wired "
-            "for virtual pipeline stages yet; use vpp=1, or drop the MTP depths"
-        )
     if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.steps:
         fail("exit_at_step", f"must be in 1..train.steps={t.steps}, got {t.exit_at_step}")
     if t.recompute not in ("none", "selective", "full"):

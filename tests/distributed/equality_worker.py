@@ -139,8 +139,7 @@ def main():
                 # MTP keeps to documents too (no depth predicts across a boundary), across CP.
                 results[name + "_docs_mtp"] = run(LAYOUTS[name], mtp_init, save_init=False,
                                                   model=MTP_MODEL, docs=True)
-            if LAYOUTS[name].vpp == 1:  # MTP with virtual pipeline stages is not wired yet
-                results[name + "_mtp"] = run(LAYOUTS[name], mtp_init, save_init=False, model=MTP_MODEL)
+            results[name + "_mtp"] = run(LAYOUTS[name], mtp_init, save_init=False, model=MTP_MODEL)
     if rank == 0:
         with open(os.path.join(workdir, f"{mode}.json"), "w") as f:
             json.dump(results, f, indent=1)
