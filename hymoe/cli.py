@@ -9,7 +9,7 @@ import warnings
 
 from hymoe.launch.cli import cmd_launch
 from hymoe.launch.plan_cli import cmd_plan
-from hymoe.train.eval_cli import cmd_eval
+from hymoe.train.eval_cli import cmd_eval, cmd_generate
 
 
 def _quiet():
@@ -317,6 +317,7 @@ COMMANDS = {
     "launch": cmd_launch,
     "plan": cmd_plan,
     "eval": cmd_eval,
+    "generate": cmd_generate,
 }
 
 

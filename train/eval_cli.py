@@ -1,7 +1,9 @@
-"""``hymoe eval``: long-context evaluations of a trained checkpoint, in one process.
+"""``hymoe eval``: long-context evaluations of a trained checkpoint, and ``hymoe generate``: text
+from it; in one process.
 
     hymoe eval passkey CKPT --lengths 4k,16k,64k [--depths 0,0.25,0.5,0.75,1] [--trials 5] [--out DIR]
     hymoe eval position-loss CKPT --data DIR --length 16k [--docs 8] [--packed] [--out DIR]
+    hymoe generate CKPT --prompt TEXT [--prompt TEXT ...] [--max-new-tokens 64] [--temperature 0.8]
 
 CKPT: a step_* folder, a checkpoints or run folder (its latest), or a folder of runs (the newest).
 Imports nothing heavy until a command runs (``hymoe --help`` stays fast).
@@ -144,4 +146,111 @@ def _position(args, length) -> int:
     if args.out:
         for f in write_outputs(result, Path(args.out)):
             print(f"wrote {f}")
+    return 0
+
+
+GENERATE_HELP = """Continue one or more prompts with a checkpoint's model, streaming the text as it
+comes: greedy by default (--temperature 0), or sampled with --temperature, --top-k and --top-p from
+a seeded generator (the same seed gives the same text). Stops at the end-of-document token, at
+--max-new-tokens, or at the model's max_sequence_length. Each new token re-runs the whole sequence
+(exact, O(n²)): a check of what a run learned, not a serving engine."""
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hymoe generate", description=GENERATE_HELP)
+    p.add_argument("checkpoint", help=CKPT_HELP + ", or `hymoe convert from-hf` output")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text to continue; repeat for several prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); e.g. 0.8")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample within the smallest set of tokens holding this much probability "
+                        "(default 1: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run's data.path)")
+    p.add_argument("--out", help="write the prompts and continuations here as JSON lines")
+    return p
+
+
+def cmd_generate(argv: list[str]) -> int:
+    """continue prompts with a checkpoint (greedy or sampled), streaming the text"""
+    args = _generate_parser().parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from hymoe.data import DataError
+    from hymoe.train.checkpoint import CheckpointError
+    from hymoe.train.generate import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    try:
+        sampling.check()
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens: must be ≥ 1, got {args.max_new_tokens}")
+        if not all(args.prompt):
+            raise ValueError("--prompt: empty; give some text to continue")
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        return _generate(args, sampling)
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
+        _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _generate(args, sampling) -> int:
+    import json
+    import time
+
+    from hymoe.data import load_tokenizer
+    from hymoe.data.tokenizer import eod_id
+    from hymoe.train.eval_model import load_model, tokenizer_path
+    from hymoe.train.generate import generate
+
+    model, meta, path = load_model(args.checkpoint)
+    tok = load_tokenizer(tokenizer_path(path, args.tokenizer))
+    if tok.get_vocab_size() > meta["vocab_size"]:
+        raise ValueError(f"--tokenizer: {tok.get_vocab_size()} tokens, more than the model's "
+                         f"vocabulary ({meta['vocab_size']}); pass the tokenizer it was trained with")
+    how = ("greedy" if sampling.temperature == 0 else
+           f"temperature {sampling.temperature}, top-k {sampling.top_k or 'all'}, "
+           f"top-p {sampling.top_p}, seed {args.seed}")
+    print(f"generate: {path} ({_which(meta)}), {how}, up to {args.max_new_tokens} new tokens",
+          flush=True)
+    records, total, start = [], 0, time.perf_counter()
+    for i, text in enumerate(args.prompt):
+        prompt = tok.encode(text).ids
+        print(f"\n[{i + 1}] {text}", end="", flush=True)
+        shown = [""]
+
+        def stream(new):  # print what the decoded text gained
+            now = tok.decode(new)
+            if now.startswith(shown[0]) and not now.endswith("\ufffd"):  # not mid-character
+                print(now[len(shown[0]):], end="", flush=True)
+                shown[0] = now
+
+        max_length = meta["model"].get("max_sequence_length")
+        new = generate(model, prompt, args.max_new_tokens, sampling, seed=args.seed + i,
+                       stop=eod_id(tok), max_length=max_length, on_token=stream)
+        completion = tok.decode(new)
+        rest = completion[len(shown[0]):] if completion.startswith(shown[0]) else f"\n{completion}"
+        print(rest, flush=True)
+        limit = args.max_new_tokens if max_length is None else min(
+            args.max_new_tokens, max_length - len(prompt))
+        stop = "eod" if len(new) < limit else (
+            "max_new_tokens" if limit == args.max_new_tokens else "max_sequence_length")
+        total += len(new)
+        records.append({"prompt": text, "completion": completion, "prompt_tokens": prompt,
+                        "tokens": new, "stop": stop})
+    seconds = time.perf_counter() - start
+    print(f"\n{total} tokens in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f} tokens/s)")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for r in records:
+                f.write(json.dumps({**r, "checkpoint": str(path), "step": meta["step"],
+                                    "temperature": sampling.temperature, "top_k": sampling.top_k,
+                                    "top_p": sampling.top_p}) + "\n")
+        print(f"wrote {out}")
     return 0
