@@ -281,8 +281,12 @@ def cmd_convert(argv: list[str]) -> int:
     """Hugging Face nemotron_h <-> hymoe checkpoints"""
     p = argparse.ArgumentParser(prog="hymoe convert", description="Convert checkpoints.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    to = sub.add_parser("to-hf", help="a training checkpoint (any layout) -> HF nemotron_h folder")
-    to.add_argument("checkpoint", help="a step_* folder, or a checkpoints folder (uses latest)")
+    to = sub.add_parser("to-hf", help="a training checkpoint (any layout) -> HF nemotron_h folder",
+                        description="Reads the checkpoint one layer at a time and writes 5 GiB "
+                                    "safetensors shards as they fill: memory holds a layer and a "
+                                    "shard, not the model.")
+    to.add_argument("checkpoint", help="a step_* folder, a checkpoints or run folder (its latest), "
+                    "a folder of runs (the newest), or `convert from-hf` output")
     to.add_argument("out")
     to.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     fr = sub.add_parser("from-hf", help="an HF nemotron_h folder -> model weights + model.yaml")
@@ -302,7 +306,7 @@ def cmd_convert(argv: list[str]) -> int:
 
     try:
         if args.cmd == "to-hf":
-            print(f"wrote {convert.to_hf(args.checkpoint, args.out, args.dtype)}")
+            print(f"wrote {convert.to_hf(args.checkpoint, args.out, args.dtype, progress=True)}")
         else:
             out = convert.from_hf(args.hf_dir, args.out, mtp_depths=args.mtp_depths)
             print(f"wrote {out} (train from it: checkpoint.init_weights={out}; model keys in {out}/model.yaml)")

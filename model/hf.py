@@ -5,7 +5,8 @@ weights and folders; config.json ↔ ``ModelConfig`` (and what is refused there)
     to_hf(model_or_state, path, model_cfg=None)   hymoe/megatron-core (TP=PP=EP=1) → HF folder
     load_hf(path) → (ModelConfig, vocab, state)    HF folder → megatron state dict (no model)
     from_hf(path) → model                          the same, built on CPU in this process
-    checkpoint_to_hf(ckpt, model_cfg, vocab, out)  a dist-checkpoint of any TP/PP/EP layout → HF
+    checkpoint_to_hf(ckpt, model_cfg, vocab, out)  a dist-checkpoint of any TP/PP/EP layout → HF,
+                                                   one layer in memory at a time
 
 The weight mapping (docs/model.md has it as a table) is a renaming except for attention: megatron
 stores ``linear_qkv`` grouped by KV head, ``[g0: q…q k v | g1: q…q k v | …]``; HF has separate
@@ -29,6 +30,7 @@ import math
 import os
 import re
 from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Optional
 
 import torch
@@ -130,44 +132,58 @@ def _mtp_block_names(cfg: ModelConfig) -> list[tuple[str, str]]:
     return names
 
 
-def megatron_to_hf_state(state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF ``nemotron_h`` tensors (``backbone.*``, ``mtp.*``, ``lm_head.weight``) from a full
-    (TP=PP=EP=1) megatron-core state dict of the hybrid model. Raises on missing or left-over
-    weights."""
-    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    out, used = {}, set()
+def _hf_plan(cfg: ModelConfig) -> list[tuple[list[str], Callable[..., dict[str, torch.Tensor]]]]:
+    """Every HF tensor as (the megatron weights it is made of, a function of those weights → its HF
+    names and tensors), in layer order: a converter that loads one layer at a time reads each layer
+    once (``CheckpointState``)."""
+    plan = []
 
-    def take(src, dst):
-        if src not in state:
-            raise HFConversionError(f"megatron state has no {src!r} (expected for {dst})")
-        out[dst] = state[src]
-        used.add(src)
+    def rename(src, dst):
+        plan.append(([src], lambda t: {dst: t}))
 
-    take("embedding.word_embeddings.weight", "backbone.embeddings.weight")
+    rename("embedding.word_embeddings.weight", "backbone.embeddings.weight")
     for src, dst, symbol in _layers(cfg):
         for a, b in _layer_names(symbol, cfg):
-            take(src + a, dst + b)
+            rename(src + a, dst + b)
         if symbol == ATTENTION:
-            key = src + "self_attention.linear_qkv.weight"
-            take(key, dst + "mixer.qkv")  # placeholder, replaced below
-            q, k, v = _qkv_split(out.pop(dst + "mixer.qkv"), cfg)
-            out[dst + "mixer.q_proj.weight"] = q
-            out[dst + "mixer.k_proj.weight"] = k
-            out[dst + "mixer.v_proj.weight"] = v
+            names = [dst + f"mixer.{n}_proj.weight" for n in "qkv"]
+            plan.append(([src + "self_attention.linear_qkv.weight"],
+                         lambda qkv, names=names: dict(zip(names, _qkv_split(qkv, cfg)))))
     for src, dst in _mtp_block_names(cfg):
-        take(src, dst)
-    take("decoder.final_norm.weight", "backbone.norm_f.weight")
+        rename(src, dst)
+    rename("decoder.final_norm.weight", "backbone.norm_f.weight")
     if cfg.untie_embeddings_and_output_weights:
-        take("output_layer.weight", "lm_head.weight")
+        rename("output_layer.weight", "lm_head.weight")
     else:
         # transformers 5.23's NemotronH declares no tied weights: with tie_word_embeddings and no
         # lm_head in the file it initialises a random head. Writing the (identical) head keeps
-        # both kinds of reader right.
-        out["lm_head.weight"] = out["backbone.embeddings.weight"].clone()
-    left = sorted(set(state) - used)
+        # both kinds of reader right. A copy: safetensors refuses two names for one storage.
+        plan.append((["embedding.word_embeddings.weight"], lambda t: {"lm_head.weight": t.clone()}))
+    return plan
+
+
+def iter_hf_tensors(state: Mapping[str, torch.Tensor], cfg: ModelConfig
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every ``nemotron_h`` weight (``backbone.*``, ``mtp.*``,
+    ``lm_head.weight``) from a full (TP=PP=EP=1) megatron-core state of the hybrid model, in layer
+    order. Missing or left-over weights raise before the first tensor is read."""
+    plan = _hf_plan(cfg)
+    needed = {name for names, _ in plan for name in names}
+    have = {k for k in state.keys() if not k.endswith("_extra_state")}
+    missing = sorted(needed - have)
+    if missing:
+        raise HFConversionError(f"megatron state has no {missing[0]!r} (and {len(missing) - 1} more)"
+                                if len(missing) > 1 else f"megatron state has no {missing[0]!r}")
+    left = sorted(have - needed)
     if left:
         raise HFConversionError(f"megatron weights with no HF counterpart: {left[:8]}")
-    return out
+    for names, convert in plan:
+        yield from convert(*(state[name] for name in names)).items()
+
+
+def megatron_to_hf_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """``iter_hf_tensors`` as a dict."""
+    return dict(iter_hf_tensors(state, cfg))
 
 
 def hf_to_megatron_state(hf_state: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -220,30 +236,39 @@ def hf_to_megatron_state(hf_state: dict, cfg: ModelConfig) -> dict[str, torch.Te
 # ----------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------
-def _write_safetensors(tensors: dict, path: Path, max_shard_bytes: int) -> None:
+def _write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], path: Path,
+                       max_shard_bytes: int) -> None:
+    """(name, tensor) pairs into ``model.safetensors``, or into shards of at most
+    ``max_shard_bytes`` (a larger tensor alone) with an index, holding one shard in memory."""
     from safetensors.torch import save_file
 
-    shards, current, size = [], {}, 0
-    for key in sorted(tensors):
-        t = tensors[key].detach().contiguous().cpu()
+    written = []  # (file, {name: bytes}) per shard, named once their number is known
+
+    def flush(shard):
+        tmp = path / f".model-{len(written):05d}.safetensors.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, {k: t.numel() * t.element_size() for k, t in shard.items()}))
+
+    current, size = {}, 0
+    for key, t in tensors:
+        t = t.detach().contiguous().cpu()
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
+            flush(current)
             current, size = {}, 0
         current[key] = t
         size += nbytes
-    shards.append(current)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+    flush(current)
+    del current
+    if len(written) == 1:
+        os.replace(written[0][0], path / "model.safetensors")
         return
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata=meta)
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
+    for i, (tmp, sizes) in enumerate(written):
+        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp, path / name)
+        weight_map.update(dict.fromkeys(sizes, name))
+        total += sum(sizes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
@@ -276,9 +301,10 @@ def to_hf(
 ) -> Path:
     """Write ``path/config.json`` and the safetensors that ``NemotronHForCausalLM`` loads.
 
-    ``model_or_state``: a hymoe model (TP=PP=EP=1; the whole model in this process) or its
-    ``state_dict()``; a state dict needs ``model_cfg`` (and ``vocab_size`` unless the config has
-    it). ``dtype``: cast floating weights (A_log, D, dt_bias and the routing bias stay fp32).
+    ``model_or_state``: a hymoe model (TP=PP=EP=1; the whole model in this process), its
+    ``state_dict()``, or a ``CheckpointState`` (read layer by layer); a state needs ``model_cfg``
+    (and ``vocab_size`` unless the config has it). Tensors are written as they are converted,
+    one output shard (``max_shard_bytes``) in memory at a time. ``dtype``: cast floating weights (A_log, D, dt_bias and the routing bias stay fp32).
     """
     if isinstance(model_or_state, torch.nn.Module):
         model = getattr(model_or_state, "module", model_or_state)
@@ -292,15 +318,14 @@ def to_hf(
     vocab_size = vocab_size or model_cfg.vocab_size
     if not vocab_size:
         raise HFConversionError("vocab_size: unknown; pass vocab_size=")
-    tensors = megatron_to_hf_state(state, model_cfg)
-    if dtype is not None:
-        def cast(key, t):
-            if not t.is_floating_point():
-                return t
-            return t.float() if key.endswith(_FP32_KEYS) else t.to(dtype)
 
-        tensors = {k: cast(k, t) for k, t in tensors.items()}
-    out_dtype = dtype or tensors["backbone.embeddings.weight"].dtype
+    def cast(key, t):
+        if dtype is None or not t.is_floating_point():
+            return t
+        return t.float() if key.endswith(_FP32_KEYS) else t.to(dtype)
+
+    tensors = ((k, cast(k, t)) for k, t in iter_hf_tensors(state, model_cfg))
+    out_dtype = dtype or state["embedding.word_embeddings.weight"].dtype
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = hf_config(model_cfg, vocab_size, out_dtype)
@@ -379,24 +404,79 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model
 
 
-def checkpoint_to_hf(checkpoint: str | os.PathLike, model_cfg: ModelConfig, vocab_size: int,
-                     out: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> Path:
-    """Convert a megatron dist-checkpoint (the ``model`` entry, as hymoe's trainer saves it)
-    written under any TP/PP/EP layout: megatron-core reshards it onto a TP=PP=EP=1 model in this
-    process, which is then written with ``to_hf``. (Checking the checkpoint's file table is the
-    caller's: ``hymoe.train.checkpoint.verify``; ``model`` may not import ``train``.)"""
-    from megatron.core import dist_checkpointing
+class CheckpointState(Mapping):
+    """The full (TP=PP=EP=1) state dict of a megatron dist-checkpoint written under any layout,
+    read one layer at a time: a weight is loaded with the rest of its layer (megatron-core
+    reshards it onto one process) and kept until a weight of another layer is asked for. So a
+    conversion in layer order holds one layer, never the model. ``model``: the model built on the
+    meta device (its sharded state dict names the checkpoint's tensors, allocates nothing).
+    ``on_load(done, total)`` is called after each layer is read (a progress bar)."""
 
+    def __init__(self, model, checkpoint: str | os.PathLike, on_load=None):
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        self._checkpoint = str(checkpoint)
+        self._sharded = {k: v for k, v in model.sharded_state_dict().items()
+                         if not isinstance(v, ShardedObject)}  # _extra_state: nothing to convert
+        self._groups = {}
+        for key in self._sharded:
+            self._groups.setdefault(self._group(key), []).append(key)
+        self._on_load, self._done = on_load, set()
+        self._group_name, self._loaded = None, {}
+
+    @staticmethod
+    def _group(key: str) -> str:
+        m = re.match(r"(decoder|mtp)\.layers\.\d+\.", key)
+        return m.group(0) if m else key
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._sharded:
+            raise KeyError(key)
+        group = self._group(key)
+        if group != self._group_name:
+            self._loaded = {}  # the previous layer goes before the next one arrives
+            self._loaded, self._group_name = self._load(self._groups[group]), group
+            self._done.add(group)
+            if self._on_load is not None:
+                self._on_load(len(self._done), len(self._groups))
+        return self._loaded[key]
+
+    def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        import dataclasses
+
+        from megatron.core import dist_checkpointing
+
+        # Each sharded entry gets a real (CPU) tensor of its meta tensor's shape to load into.
+        sub = {k: dataclasses.replace(self._sharded[k], data=torch.empty_like(
+            self._sharded[k].data, device="cpu")) for k in keys}
+        with torch.no_grad():
+            return dist_checkpointing.load({"model": sub}, self._checkpoint)["model"]
+
+    def __iter__(self):
+        return iter(self._sharded)
+
+    def __len__(self) -> int:
+        return len(self._sharded)
+
+
+def checkpoint_to_hf(checkpoint: str | os.PathLike, model_cfg: ModelConfig, vocab_size: int,
+                     out: str | os.PathLike, dtype: Optional[torch.dtype] = None,
+                     max_shard_bytes: int = 5 * 2**30, on_load=None) -> Path:
+    """Convert a megatron dist-checkpoint (the ``model`` entry, as hymoe's trainer saves it)
+    written under any TP/PP/EP layout, layer by layer (``CheckpointState``): memory holds one
+    layer and one output shard, whatever the model's size. (Checking the checkpoint's file table
+    is the caller's: ``hymoe.train.checkpoint.verify``; ``model`` may not import ``train``.)"""
     if not Path(checkpoint, "metadata.json").exists():
         raise HFConversionError(f"{checkpoint}: not a megatron dist-checkpoint (no metadata.json)")
-    model = build_single_process(model_cfg, vocab_size, initialize=False)
-    with torch.no_grad():
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
-    model.load_state_dict(state["model"], strict=True)
-    return to_hf(model, out, model_cfg=model_cfg, vocab_size=vocab_size, dtype=dtype)
+    with torch.device("meta"):
+        model = build_single_process(model_cfg, vocab_size, initialize=False)
+    state = CheckpointState(model, checkpoint, on_load)
+    return to_hf(state, out, model_cfg=model_cfg, vocab_size=vocab_size, dtype=dtype,
+                 max_shard_bytes=max_shard_bytes)
 
 
 # HFConversionError is hf_config.py's, listed here too: everything in this file raises it, so
 # callers of to_hf/from_hf catch it from here.
-__all__ = ["to_hf", "from_hf", "load_hf", "checkpoint_to_hf", "build_single_process", "load_into",
-           "megatron_to_hf_state", "hf_to_megatron_state", "read_hf_state", "HFConversionError"]
+__all__ = ["to_hf", "from_hf", "load_hf", "checkpoint_to_hf", "CheckpointState",
+           "build_single_process", "load_into", "megatron_to_hf_state", "iter_hf_tensors",
+           "hf_to_megatron_state", "read_hf_state", "HFConversionError"]

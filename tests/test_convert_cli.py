@@ -18,12 +18,21 @@ def test_round_trip_and_train_from_converted(demo_data, tmp_path):
     r = hymoe("train", "tiny", *ARGS, "train.steps=12", "optim.lr=1e-2", f"run.dir={trained}",
               f"data.path={demo_data}")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = hymoe("convert", "to-hf", str(trained / "checkpoints"), str(tmp_path / "hf"), "--dtype", "fp32")
+    # The run folder names its latest checkpoint, as for `hymoe eval` and `generate`.
+    r = hymoe("convert", "to-hf", str(trained), str(tmp_path / "hf"), "--dtype", "fp32")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "converting layers" in r.stderr and "9/9" in r.stderr  # the bar: 6 layers + 3 others
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "nemotron_h"
     r = hymoe("convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back"))
     assert r.returncode == 0, r.stderr[-2000:]
+    # Converted weights export again (their model.yaml stands for hymoe.json), bit for bit.
+    r = hymoe("convert", "to-hf", str(tmp_path / "back"), str(tmp_path / "hf2"), "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    from hymoe.model.hf import read_hf_state
+
+    a, b = read_hf_state(tmp_path / "hf"), read_hf_state(tmp_path / "hf2")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     runs = {}
     for name, extra in (("fresh", []), ("converted", [f"checkpoint.init_weights={tmp_path / 'back'}"])):
         runs[name] = tmp_path / name

@@ -206,7 +206,7 @@ def reference_mtp_losses(NemotronH, theirs, hf_dir, tmp_path, tok, labels, depth
             tensors.update({f"backbone.layers.{j}." + k[len(prefix):]: v
                             for k, v in written.items() if k.startswith(prefix)
                             and k.split(".")[3] in ("norm", "mixer")})
-        hf._write_safetensors(tensors, folder, 2**40)
+        hf._write_safetensors(tensors.items(), folder, 2**40)
         heads.append(NemotronH.from_pretrained(folder, dtype=torch.float32).eval())
     eps, s = config["layer_norm_epsilon"], tok.shape[1]
     losses = []
@@ -291,7 +291,7 @@ def test_mtp_export_round_trip_and_transformers(tmp_path, transformers_h, depth,
     # The comparison is sensitive: swapping the embedding and hidden-state norms moves it.
     written["mtp.layers.0.enorm.weight"], written["mtp.layers.0.hnorm.weight"] = (
         written["mtp.layers.0.hnorm.weight"], written["mtp.layers.0.enorm.weight"])
-    hf._write_safetensors(written, out, 2**40)
+    hf._write_safetensors(written.items(), out, 2**40)
     (tmp_path / "swapped").mkdir()
     swapped = reference_mtp_losses(NemotronH, theirs, out, tmp_path / "swapped", tok, labels,
                                    depths=2)

@@ -9,39 +9,41 @@ model-weights dist-checkpoint plus ``model.yaml``; train from it with
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from hymoe.model.config import ModelConfig
 from hymoe.train import checkpoint as ckpt
+from hymoe.train.stage import checkpoint_meta, find_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    """A step_* folder, or a checkpoints folder (its ``latest``)."""
-    if (path / "hymoe.json").exists():
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise ckpt.CheckpointError(f"{path}: neither a checkpoint nor a folder with a 'latest' marker")
-    return latest
-
-
-def to_hf(checkpoint: str, out: str, dtype: str = "bf16") -> Path:
+def to_hf(checkpoint: str, out: str, dtype: str = "bf16", progress: bool = False) -> Path:
+    """Layer by layer (``hymoe.model.hf.checkpoint_to_hf``); ``progress``: a bar of layers read,
+    on stderr."""
     from hymoe.model.hf import checkpoint_to_hf
 
-    path = _resolve_checkpoint(Path(checkpoint))
-    problems = ckpt.verify(path)
-    if problems:
-        raise ckpt.CheckpointError(problems[0] + f"; {path.name} is damaged")
-    meta = json.loads((path / "hymoe.json").read_text())
-    if "model" not in meta or "vocab_size" not in meta:
-        raise ckpt.CheckpointError(f"{path}/hymoe.json has no model config (saved by an older hymoe)")
+    path = find_checkpoint(checkpoint)
+    meta = checkpoint_meta(path)
     cfg = ModelConfig(**meta["model"])
-    return checkpoint_to_hf(path, cfg, meta["vocab_size"], out, dtype=DTYPES[dtype])
+    bar = []
+
+    def on_load(done: int, total: int):
+        if not bar:
+            from hymoe.data.progress import count_progress
+
+            bar.extend(count_progress(True, total, "converting layers"))
+            bar[0].start()
+        bar[0].update(bar[1], completed=done)
+
+    try:
+        return checkpoint_to_hf(path, cfg, meta["vocab_size"], out, dtype=DTYPES[dtype],
+                                on_load=on_load if progress else None)
+    finally:
+        if bar:
+            bar[0].stop()
 
 
 def from_hf(hf_dir: str, out: str, mtp_depths: int | None = None) -> Path:

@@ -8,15 +8,13 @@ config sets it), so a long sequence's logits are never held whole.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from hymoe.train import checkpoint as ckpt
-from hymoe.train.stage import find_checkpoint, run_config_path
+from hymoe.train.stage import checkpoint_meta, find_checkpoint, run_config_path
 
 EVAL_LOSS_CHUNK_TOKENS = 4096
 
@@ -42,23 +40,8 @@ def load_model(checkpoint: str | Path, device: str | None = None):
     from hymoe.model.hf import build_single_process
 
     path = find_checkpoint(checkpoint)
-    if (path / "hymoe.json").exists():
-        problems = ckpt.verify(path)
-        if problems:
-            raise ckpt.CheckpointError(f"{problems[0]}; checkpoint {path} is damaged")
-        meta = json.loads((path / "hymoe.json").read_text())
-    elif (path / "model.yaml").exists():  # `hymoe convert from-hf` output, e.g. released weights
-        from omegaconf import OmegaConf
-
-        fields = OmegaConf.to_container(OmegaConf.load(path / "model.yaml"))
-        meta = {"step": None, "model": fields, "vocab_size": fields["vocab_size"]}
-    else:
-        raise ckpt.CheckpointError(
-            f"{path}: no model config (neither hymoe.json nor model.yaml); evaluate a training "
-            "checkpoint or `hymoe convert from-hf` output"
-        )
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    meta = checkpoint_meta(path)
+    cfg = ModelConfig(**meta["model"])
     cfg.loss_chunk_tokens = cfg.loss_chunk_tokens or EVAL_LOSS_CHUNK_TOKENS
     model = build_single_process(cfg, meta["vocab_size"], initialize=False)
     ckpt.load_model_weights([model], path)

@@ -64,6 +64,31 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def checkpoint_meta(path: Path) -> dict:
+    """What a checkpoint (``find_checkpoint``'s answer) says of itself: ``step``, ``vocab_size``
+    and ``model`` (ModelConfig's fields). A training checkpoint's file table is checked first (its
+    hymoe.json); ``hymoe convert from-hf`` output has its model.yaml and no step."""
+    from hymoe.model.config import ModelConfig
+
+    if (path / "hymoe.json").exists():
+        problems = ckpt.verify(path)
+        if problems:
+            raise ckpt.CheckpointError(f"{problems[0]}; checkpoint {path} is damaged")
+        meta = json.loads((path / "hymoe.json").read_text())
+        if "model" not in meta or "vocab_size" not in meta:
+            raise ckpt.CheckpointError(f"{path}/hymoe.json has no model config (saved by an older hymoe)")
+    elif (path / "model.yaml").exists():  # `hymoe convert from-hf` output, e.g. released weights
+        fields = OmegaConf.to_container(OmegaConf.load(path / "model.yaml"))
+        meta = {"step": None, "model": fields, "vocab_size": fields["vocab_size"]}
+    else:
+        raise ckpt.CheckpointError(
+            f"{path}: no model config (neither hymoe.json nor model.yaml); use a training "
+            "checkpoint or `hymoe convert from-hf` output"
+        )
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {**meta, "model": {k: v for k, v in meta["model"].items() if k in known}}
+
+
 def run_config_path(checkpoint: Path) -> Path | None:
     """The ``config.yaml`` of the run that wrote ``checkpoint`` (``<run>/checkpoints/step_*``)."""
     for d in (checkpoint.parent.parent, checkpoint.parent, checkpoint):
