@@ -64,6 +64,9 @@ class DataConfig:
     # Zero the loss where the input is EOD (its label is the next document's first token),
     # as megatron's --eod-mask-loss.
     eod_mask_loss: bool = False
+    # Held-out documents for the validation loss (train.eval_interval): a folder (or remote
+    # location) prepared with the training data's tokenizer (`hymoe data prepare --tokenizer`).
+    valid_path: str | None = None
 
     def validate(self) -> None:
         """Raise `DataError` naming the field for values no stream can run with."""

@@ -62,3 +62,17 @@ def demo_corpus_files(max_bytes: int = DEFAULT_MAX_BYTES) -> list[Path]:
         chosen.append(path)
         total += size
     return chosen
+
+
+def heldout_corpus_files(train_max_bytes: int, max_bytes: int) -> list[Path]:
+    """Standard-library `.py` files that `demo_corpus_files(train_max_bytes)` leaves out, chosen
+    the same way up to `max_bytes`: held-out documents for the demo's validation loss."""
+    train = set(demo_corpus_files(train_max_bytes))
+    rest = [p for p in demo_corpus_files(MAX_BYTES_LIMIT) if p not in train]
+    chosen, total = [], 0
+    for path in rest:
+        size = path.stat().st_size
+        if total + size <= max_bytes:
+            chosen.append(path)
+            total += size
+    return chosen

@@ -407,3 +407,15 @@ def prepare_demo(output: str | Path, vocab_size: int = 2048, max_bytes: int = 3_
     files = demo_corpus_files(max_bytes)
     return prepare([str(f) for f in files], output, train_tokenizer_vocab=vocab_size,
                    shard_tokens=250_000, workers=1, progress=progress)
+
+
+def prepare_demo_valid(output: str | Path, tokenizer: str | Path, train_max_bytes: int,
+                       max_bytes: int = 200_000, progress: bool = True) -> dict:
+    """Held-out demo documents (stdlib files the `train_max_bytes` demo corpus leaves out)
+    tokenized into ``output`` with the training data's ``tokenizer`` (its tokenizer.json): the
+    demo's validation set."""
+    from hymoe.data.corpus import heldout_corpus_files
+
+    files = heldout_corpus_files(train_max_bytes, max_bytes)
+    return prepare([str(f) for f in files], output, tokenizer=str(tokenizer),
+                   shard_tokens=250_000, workers=1, progress=progress)

@@ -97,6 +97,8 @@ def test_generate_streams_text_and_repeats_with_a_seed(trained, demo_data, tmp_p
         ("model.pattern=M*X", "model.pattern"),
         ("train.global_batch=3", "train.global_batch"),
         ("precision=fp8", "precision"),
+        ("train.eval_interval=5", "train.eval_interval"),  # no data.valid_path
+        ("train.eval_iters=0", "train.eval_iters"),
     ],
 )
 def test_bad_override_is_one_line_naming_the_field(override, field):

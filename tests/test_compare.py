@@ -32,6 +32,23 @@ def test_gap_and_plot(tmp_path):
     assert len(read_metrics(fp4)) == 20
 
 
+def test_validation_losses_are_compared_when_every_run_has_them(tmp_path):
+    base = _run(tmp_path, "bf16", [5.0] * 10)
+    fp4 = _run(tmp_path, "nvfp4", [5.0] * 10)
+    for d, val in ((base, [4.5, 4.0]), (fp4, [4.6, 4.08])):  # at steps 5 and 10
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        rows[4]["val/loss"], rows[9]["val/loss"] = val
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    s = compare_runs([str(base), str(fp4)], tmp_path / "out")
+    assert s["runs"][1]["val_loss"] == 4.08 and abs(s["runs"][1]["val_gap_pct"] - 2.0) < 1e-9
+    assert "validation 4.080 (+2.00%)" in s["lines"][1]
+    assert "+2.00%" in (tmp_path / "out" / "report.html").read_text()
+    assert s["max_gap_pct"] == 0.0  # --max-gap stays on the training loss
+    # A run without validation gets no validation numbers.
+    s = compare_runs([str(base), str(_run(tmp_path, "plain", [5.0] * 10))], tmp_path / "out2")
+    assert "val_loss" not in s["runs"][1]
+
+
 def test_config_differences_and_real_runs_from_metrics_and_wandb(demo_data, tmp_path):
     """Two real short runs that differ in precision, logged to metrics.jsonl and to wandb offline:
     the report names precision.recipe, and reading the runs from their wandb files alone (a wandb
@@ -130,7 +147,7 @@ def test_plot_has_labelled_axes_legend_and_gap_panel(tmp_path, monkeypatch):
     compare_runs([str(base), str(fp4)], tmp_path / "out")
     (fig,) = saved
     curves, gap = fig.axes
-    assert curves.get_ylabel() == "training loss" and gap.get_xlabel() == "tokens consumed"
+    assert curves.get_ylabel() == "loss" and gap.get_xlabel() == "tokens consumed"
     assert "gap" in gap.get_ylabel()
     assert [t.get_text() for t in curves.get_legend().get_texts()] == ["bf16", "nvfp4"]
     assert len(curves.get_lines()) == 4  # EMA and raw per run

@@ -103,6 +103,11 @@ class ConsoleProgress(Callback):
                     "docs/data.md, Speed[/yellow]"
                 )
 
+        if "val/loss" in m:  # whenever it ran, whatever the logging interval
+            self.console.print(
+                f"validation at step {m['step']} | loss {m['val/loss']:.4f} | "
+                f"ppl {m['val/ppl']:.2f} | tokens {m['val/tokens']:,} | {m['val/time_s']:.1f} s")
+
     def on_train_end(self, trainer):
         if self._progress:
             self._progress.stop()
@@ -142,7 +147,8 @@ class ExpertLoad(Callback):
 
     def _hook(self, row):
         def hook(module, inputs, output):
-            self.counts[row] += output[1].detach().sum(0).float().cpu()
+            if module.training:  # not validation forwards (eval mode)
+                self.counts[row] += output[1].detach().sum(0).float().cpu()
         return hook
 
     def on_step_end(self, trainer, m):

@@ -5,7 +5,9 @@ local files (``hymoe.train.wandb_reader``): a wandb run folder, or a run directo
 ``wandb/`` (``logging.wandb=offline`` writes one). Runs are aligned by consumed tokens (runs with
 different batch sizes compare fairly). The final loss of a run is the mean over its last 10% of
 steps (single steps are noisy); the gap is relative to the first run given (the baseline), in
-percent. The report lists the config keys in which runs differ.
+percent. Runs with validation (``train.eval_interval``) also get their last validation loss and its
+gap (held-out batches, the same for every run), and their validation points on the plot. The
+report lists the config keys in which runs differ.
 """
 
 from __future__ import annotations
@@ -109,27 +111,35 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
     summary = {"runs": [], "lines": [], "max_gap_pct": 0.0}
     fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 1.3])
     base_by_tokens = {r["tokens"]: r["loss"] for r in runs[0][1]}
+    base_val = _last_val(runs[0][1])
     for d, rows in runs:
         losses = [r["loss"] for r in rows]
         final = tail_mean(losses)
         gap = 100.0 * (final - base_final) / base_final
-        summary["runs"].append({
-            "run": str(d), "steps": len(rows), "first_loss": losses[0], "final_loss": final,
-            "gap_pct": gap,
-        })
+        entry = {"run": str(d), "steps": len(rows), "first_loss": losses[0], "final_loss": final,
+                 "gap_pct": gap}
+        line_text = f"{_label(d):40s} loss {losses[0]:.3f} → {final:.3f} (last 10% mean)  gap {gap:+.2f}%"
+        val = _last_val(rows)
+        if val is not None and base_val is not None:
+            entry.update(val_loss=val, val_gap_pct=100.0 * (val - base_val) / base_val)
+            line_text += f"  validation {val:.3f} ({entry['val_gap_pct']:+.2f}%)"
+        summary["runs"].append(entry)
         summary["max_gap_pct"] = max(summary["max_gap_pct"], abs(gap))
-        summary["lines"].append(
-            f"{_label(d):40s} loss {losses[0]:.3f} → {final:.3f} (last 10% mean)  gap {gap:+.2f}%"
-        )
+        summary["lines"].append(line_text)
         tokens = [r["tokens"] for r in rows]
         (line,) = ax.plot(tokens, ema(losses), label=_label(d), linewidth=1.4)
         ax.plot(tokens, losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+        checked = [r for r in rows if "val/loss" in r]
+        if checked:
+            ax.plot([r["tokens"] for r in checked], [r["val/loss"] for r in checked], "o--",
+                    color=line.get_color(), markersize=4, linewidth=0.9,
+                    label=f"{_label(d)} validation")
         common = [t for t in tokens if t in base_by_tokens]
         rel = [100.0 * (r["loss"] - base_by_tokens[r["tokens"]]) / base_by_tokens[r["tokens"]]
                for r in rows if r["tokens"] in base_by_tokens]
         axr.plot(common, ema(rel), color=line.get_color(), linewidth=1.2)
-    ax.set_ylabel("training loss")
-    ax.set_title("loss curves (EMA 0.9 solid, raw faint)")
+    ax.set_ylabel("loss")
+    ax.set_title("loss curves (EMA 0.9 solid, raw faint, validation dashed)")
     ax.legend()
     ax.grid(alpha=0.3)
     axr.axhline(0, color="grey", linewidth=0.8)
@@ -144,6 +154,12 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
     _write_html(out, summary)
     summary["lines"].append(f"plot: {out / 'loss_curves.png'}  report: {out / 'report.html'}")
     return summary
+
+
+def _last_val(rows: list[dict]) -> float | None:
+    """The run's last validation loss, if it ran validation."""
+    checked = [r["val/loss"] for r in rows if "val/loss" in r]
+    return checked[-1] if checked else None
 
 
 def _flatten(node, prefix=""):
@@ -175,7 +191,9 @@ def _write_html(out: Path, summary: dict) -> None:
     png = base64.b64encode((out / "loss_curves.png").read_bytes()).decode()
     rows = "".join(
         f"<tr><td>{html.escape(r['run'])}</td><td>{r['steps']}</td><td>{r['first_loss']:.4f}</td>"
-        f"<td>{r['final_loss']:.4f}</td><td>{r['gap_pct']:+.2f}%</td></tr>"
+        f"<td>{r['final_loss']:.4f}</td><td>{r['gap_pct']:+.2f}%</td>"
+        + (f"<td>{r['val_loss']:.4f}</td><td>{r['val_gap_pct']:+.2f}%</td>" if "val_loss" in r
+           else "<td>–</td><td>–</td>") + "</tr>"
         for r in summary["runs"]
     )
     diffs = "".join(
@@ -186,6 +204,6 @@ def _write_html(out: Path, summary: dict) -> None:
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}</style>
 <h1>Loss-curve comparison</h1><img src="data:image/png;base64,{png}" width="100%">
 <h2>Final loss (mean of the last 10% of steps)</h2>
-<table><tr><th>run</th><th>steps</th><th>first loss</th><th>final loss</th><th>gap vs first</th></tr>{rows}</table>
+<table><tr><th>run</th><th>steps</th><th>first loss</th><th>final loss</th><th>gap vs first</th><th>last validation loss</th><th>its gap</th></tr>{rows}</table>
 <h2>Config differences</h2><table>{diffs}</table>
 """)

@@ -62,6 +62,12 @@ class TrainConfig:
     # Collect Python garbage on every rank every N steps, with automatic collection off (Megatron-LM's
     # --manual-gc: ranks stall together, not one at a time); 0: Python's automatic collector.
     gc_interval: int = 0
+    # Validation loss on data.valid_path every N steps and after the last step (0: off). Each
+    # validation reads the same eval_iters global batches, so values compare across steps and
+    # runs (the BF16 and NVFP4 arms of a comparison see the same tokens).
+    eval_interval: int = 0
+    # Global batches per validation (megatron's --eval-iters).
+    eval_iters: int = 8
 
 
 @dataclass
@@ -191,4 +197,11 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
         raise ConfigError(f"logging.profile_steps: must be [start, end] with 1 ≤ start ≤ end, got {list(ps)}")
     if t.nan_patience < 1:
         fail("nan_patience", f"must be ≥ 1, got {t.nan_patience}")
+    if t.eval_interval < 0:
+        fail("eval_interval", f"must be ≥ 0 (0 = no validation), got {t.eval_interval}")
+    if t.eval_iters < 1:
+        fail("eval_iters", f"must be ≥ 1, got {t.eval_iters}")
+    if t.eval_interval and not cfg.data.valid_path:
+        fail("eval_interval", "validation needs held-out data: set data.valid_path to a folder "
+             "prepared with the training data's tokenizer (`hymoe data prepare --tokenizer`)")
     return dp

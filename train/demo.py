@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 ARMS = ("bf16", "nvfp4")  # the baseline first: compare measures the gap against it
+DEMO_VALID = ".cache/hymoe/demo_valid"
 
 
 def run_demo(out: str, steps: int | None = None) -> dict:
@@ -25,7 +26,10 @@ def run_demo(out: str, steps: int | None = None) -> dict:
             shutil.rmtree(out_dir / arm)  # a demo is a fresh run every time
     # The two arms are a Hydra multirun over the precision, as `hymoe train tiny -m
     # precision=bf16,nvfp4` runs it: same data, same seed, one run directory per arm.
-    overrides = [f"precision={','.join(ARMS)}", "run.name=demo_${precision.recipe}"]
+    # Validation every 50 steps on held-out demo documents (standard-library files the training
+    # corpus leaves out, prepared beside it on first use): the same batches for both arms.
+    overrides = [f"precision={','.join(ARMS)}", "run.name=demo_${precision.recipe}",
+                 f"data.valid_path={DEMO_VALID}", "train.eval_interval=50", "train.eval_iters=4"]
     if steps:
         overrides.append(f"train.steps={steps}")
     runs = {}

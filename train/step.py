@@ -114,27 +114,47 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    if len(model_chunks) > 1:
-        # megatron's interleaved schedule reads each model chunk's microbatches from the chunk's
-        # own iterator; every chunk sees the same ones (tee reads each from the stream once).
-        data_iterator = list(itertools.tee(data_iterator, len(model_chunks)))
-    losses = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, poison=faults.due("nan_loss", step),
-                                  document_masks=document_masks),
-        data_iterator=data_iterator,
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_len,
-        micro_batch_size=micro_batch,
-        forward_only=False,
-    )
-    loss, tokens = _reduce_loss(losses)
+    loss, tokens = run_schedule(model_chunks, data_iterator, num_microbatches, seq_len, micro_batch,
+                                document_masks, poison=faults.due("nan_loss", step))
     ok, grad_norm = guarded_optimizer_step(optimizer, loss)
     if ok and scheduler is not None:
         scheduler.step(increment=1)
     extra = _mtp_losses(model_chunks)
     extra.update(_moe_aux_losses(num_microbatches))
     return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok, extra=extra)
+
+
+def run_schedule(model_chunks: list, data_iterator: Iterator[dict], num_microbatches: int,
+                 seq_len: int, micro_batch: int, document_masks: bool = False,
+                 forward_only: bool = False, poison: bool = False) -> tuple[float, int]:
+    """``num_microbatches`` forward (and, unless ``forward_only``, backward) passes through
+    megatron-core's schedule for this layout; (token-mean loss, tokens) over the DP group."""
+    if len(model_chunks) > 1:
+        # megatron's interleaved schedule reads each model chunk's microbatches from the chunk's
+        # own iterator; every chunk sees the same ones (tee reads each from the stream once).
+        data_iterator = list(itertools.tee(data_iterator, len(model_chunks)))
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, poison=poison, document_masks=document_masks),
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_len,
+        micro_batch_size=micro_batch,
+        forward_only=forward_only,
+    )
+    return _reduce_loss(losses)
+
+
+def clear_step_bookkeeping(model_chunks: list) -> None:
+    """Empty what forwards add up for a step's report: the MTP losses and megatron-core's MoE
+    aux-loss tracker (after a validation, which must not show in the next step's numbers)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    for chunk in model_chunks:
+        report = getattr(getattr(chunk, "module", chunk), "mtp_report", None)
+        if report is not None:
+            report.zero_()
+    get_moe_layer_wise_logging_tracker().clear()
 
 
 def _moe_aux_losses(num_microbatches: int) -> dict:

@@ -37,26 +37,48 @@ def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
 
 def ensure_data(cfg: HymoeConfig, console) -> Path:
     """The prepared data folder (or remote location); for demo recipes, prepared here on first use
-    (rank 0)."""
+    (rank 0), with held-out demo documents in ``data.valid_path`` if that is set."""
     from hymoe.data.remote import is_remote
 
     if is_remote(cfg.data.path):  # its manifest is fetched (and checked) when it is opened
         return cfg.data.path
     path = Path(cfg.data.path)
-    if (path / "manifest.json").exists():
-        return path
+    if not (path / "manifest.json").exists():
+        if not cfg.data.prepare_demo_if_missing:
+            raise ConfigError(
+                f"data.path: {path} has no manifest.json; run `hymoe data prepare --input ... "
+                f"--output {path}` first or point data.path at a prepared folder"
+            )
+        if dist.get_rank() == 0:
+            from hymoe.data.prepare import prepare_demo
+
+            console.print(f"preparing the demo corpus (Python stdlib source) → {path}")
+            prepare_demo(path, cfg.data.demo_vocab_size, cfg.data.demo_max_bytes, cfg.logging.progress)
+        dist.barrier()
+    ensure_valid_data(cfg, path, console)
+    return path
+
+
+def ensure_valid_data(cfg: HymoeConfig, train_path: Path, console) -> None:
+    """``data.valid_path`` must be prepared; for demo recipes it is prepared here (rank 0) from
+    standard-library files the training corpus leaves out, with its tokenizer."""
+    from hymoe.data.remote import is_remote
+
+    valid = cfg.data.valid_path
+    if not valid or is_remote(valid) or (Path(valid) / "manifest.json").exists():
+        return
     if not cfg.data.prepare_demo_if_missing:
         raise ConfigError(
-            f"data.path: {path} has no manifest.json; run `hymoe data prepare --input ... "
-            f"--output {path}` first or point data.path at a prepared folder"
+            f"data.valid_path: {valid} has no manifest.json; prepare held-out text with `hymoe "
+            f"data prepare --input ... --output {valid} --tokenizer {train_path}/tokenizer.json`"
         )
     if dist.get_rank() == 0:
-        from hymoe.data.prepare import prepare_demo
+        from hymoe.data.prepare import prepare_demo_valid
 
-        console.print(f"preparing the demo corpus (Python stdlib source) → {path}")
-        prepare_demo(path, cfg.data.demo_vocab_size, cfg.data.demo_max_bytes, cfg.logging.progress)
+        console.print(f"preparing held-out demo documents for validation → {valid}")
+        prepare_demo_valid(valid, train_path / "tokenizer.json", cfg.data.demo_max_bytes,
+                           progress=cfg.logging.progress)
     dist.barrier()
-    return path
 
 
 def _forked_writer_results_queue() -> None:
@@ -167,6 +189,12 @@ class Trainer:
             cfg.data, cfg.train.seq_len, cfg.train.micro_batch, dp_rank=self.dp_rank,
             dp_size=self.dp_size, seed=cfg.train.seed, total_tokens=total_tokens,
         )
+        self.validator = None
+        if cfg.train.eval_interval:
+            from hymoe.train.validation import Validator
+
+            self.validator = Validator(cfg, self.dp_rank, self.dp_size,
+                                       self.data.datasets[0].fingerprint)
         if self.is_logger:
             n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
             self.console.print(
@@ -326,6 +354,9 @@ class Trainer:
                 m["data/wait_s"] = self.data.wait_s - wait0  # of step_time_s: the loader's part
                 if r.skipped:
                     m["data_position"] = {"tokens": position.get("tokens"), "rr": position.get("rr")}
+                if self.validator and (self.step % cfg.train.eval_interval == 0
+                                       or self.step == cfg.train.steps):
+                    m.update(self.validator.run(self.chunks, self.micro_per_step))
                 history.append(m)
                 for cb in self.callbacks:
                     cb.on_step_end(self, m)
@@ -343,6 +374,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
             self.data.close()  # reader workers, if any (after the final checkpoint's state_dict)
+            if self.validator:
+                self.validator.close()
             summary = self.telemetry.summary()
             if summary and self.is_logger:
                 (self.run_dir / "precision_telemetry_summary.json").write_text(json.dumps(summary, indent=1))
