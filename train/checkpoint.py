@@ -80,6 +80,21 @@ def load_model_weights(chunks, directory: str | os.PathLike) -> None:
     _load_model_state(chunks, state["model"])
 
 
+def load_model_weights_from_hf(chunks, hf_dir: str | os.PathLike, model_cfg) -> None:
+    """Weights of a Hugging Face ``nemotron_h`` folder into this rank's model chunks, any layout:
+    each rank reads only its shards from the safetensors files (``hymoe.model.hf_slices``)."""
+    from hymoe.model.hf_slices import load_hf_weights
+
+    state = load_hf_weights(_model_sharded_state_dict(chunks), hf_dir, model_cfg)
+    per_chunk = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
+    for chunk, part in zip(chunks, per_chunk):
+        missing, unexpected = _unwrap(chunk).load_state_dict(part, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{hf_dir}: state mismatch reading the HF folder: missing "
+                                  f"{missing[:4]}, unexpected {unexpected[:4]}")
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

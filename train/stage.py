@@ -144,10 +144,46 @@ def _verify_on_rank0(path: Path) -> None:
         raise ckpt.CheckpointError(f"{verdict[0][0]}; checkpoint {path} is damaged")
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face ``nemotron_h`` folder (config.json and safetensors), e.g. released weights."""
+    p = Path(path)
+    return (p / "config.json").is_file() and any(
+        (p / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _start_from_hf(trainer, path: Path) -> tuple[dict, dict, str]:
+    """Load an HF folder's weights, each rank reading its shards; (meta, old config, against)."""
+    from hymoe.model.hf_config import HFConversionError, model_config_from_hf
+
+    cfg, cc = trainer.cfg, trainer.cfg.checkpoint
+    if cc.init_optimizer:
+        raise ckpt.CheckpointError(
+            f"checkpoint.init_optimizer: {path} is a Hugging Face folder, which holds no optimizer "
+            "state; set checkpoint.init_optimizer=false")
+    shared = len(cfg.model.mtp_depths) if cfg.model.mtp_shared_layer else None
+    try:
+        hf_cfg, vocab = model_config_from_hf(json.loads((path / "config.json").read_text()),
+                                             name=path.name, mtp_depths=shared)
+    except HFConversionError as e:
+        raise ckpt.CheckpointError(f"checkpoint.init_weights: {path}/config.json: {e}") from None
+    meta = {"model": dataclasses.asdict(hf_cfg), "vocab_size": vocab}
+    _check_architecture(meta, cfg, trainer.vocab_size, path)
+    try:
+        ckpt.load_model_weights_from_hf(trainer.chunks, path, cfg.model)
+    except HFConversionError as e:
+        raise ckpt.CheckpointError(f"checkpoint.init_weights: {e}") from None
+    return {}, {"model": meta["model"]}, f"{path}/config.json (model keys)"
+
+
 def start_from_checkpoint(trainer) -> dict:
     """Load ``checkpoint.init_weights`` (and, with ``init_optimizer``, the optimizer state) into
-    the trainer's model; print and save what was loaded and what the stage changes."""
+    the trainer's model; print and save what was loaded and what the stage changes. A Hugging
+    Face folder is read directly, each rank reading only its shards."""
     cfg, cc = trainer.cfg, trainer.cfg.checkpoint
+    if is_hf_folder(cc.init_weights):
+        meta, old, against = _start_from_hf(trainer, Path(cc.init_weights))
+        new = {"model": OmegaConf.to_container(OmegaConf.structured(cfg))["model"]}
+        return _report(trainer, Path(cc.init_weights), meta, old, new, against)
     path = find_checkpoint(cc.init_weights)
     meta = json.loads((path / "hymoe.json").read_text()) if (path / "hymoe.json").exists() else {}
     _check_architecture(meta, cfg, trainer.vocab_size, path)
@@ -182,6 +218,11 @@ def start_from_checkpoint(trainer) -> dict:
         old = {"model": meta.get("model", {})}
         new = {"model": new["model"]}
         against = f"{path}/hymoe.json (model keys; no config.yaml found)"
+    return _report(trainer, path, meta, old, new, against)
+
+
+def _report(trainer, path: Path, meta: dict, old: dict, new: dict, against: str) -> dict:
+    cc = trainer.cfg.checkpoint
     report = {
         "checkpoint": str(path), "step": meta.get("step"), "tokens": meta.get("tokens"),
         "recipe": meta.get("recipe"), "optimizer_state": bool(cc.init_optimizer),
