@@ -95,3 +95,16 @@ def test_bad_arguments_are_refused(model, kwargs, message):
     args = dict(prompt=PROMPT, max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=message):
         generate(model, **args)
+
+
+def test_a_hugging_face_folder_loads_in_place(model, tmp_path):
+    """`hymoe generate HF_DIR` (and `hymoe eval`): the folder's config.json, weights read in place
+    and its own tokenizer.json."""
+    from hymoe.train.eval_model import load_model, tokenizer_path
+
+    out = hf.to_hf(model, tmp_path / "hf")
+    loaded, meta, path = load_model(out)
+    assert path == out and meta["step"] is None and meta["vocab_size"] == VOCAB
+    assert generate(loaded, PROMPT, 12) == generate(model, PROMPT, 12)
+    (out / "tokenizer.json").write_text("{}")
+    assert tokenizer_path(out) == out / "tokenizer.json"

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-CKPT_HELP = ("a step_* folder, a checkpoints or run folder (its latest), or a folder of runs "
-             "(the newest)")
+CKPT_HELP = ("a step_* folder, a checkpoints or run folder (its latest), a folder of runs "
+             "(the newest), or a Hugging Face nemotron_h folder (read in place)")
 PASSKEY_HELP = """Passkey retrieval (RULER-style needle in a haystack): a random number hidden at
 several depths of filler text, asked for at the end. Score: exact greedy retrieval of its tokens,
 checked in one forward pass per trial (hymoe.train.eval_passkey explains why that is exact).
@@ -158,7 +158,7 @@ a seeded generator (the same seed gives the same text). Stops at the end-of-docu
 
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hymoe generate", description=GENERATE_HELP)
-    p.add_argument("checkpoint", help=CKPT_HELP + ", or `hymoe convert from-hf` output")
+    p.add_argument("checkpoint", help=CKPT_HELP + "; or `hymoe convert from-hf` output")
     p.add_argument("--prompt", action="append", required=True,
                    help="text to continue; repeat for several prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="per prompt (default 64)")

@@ -34,8 +34,9 @@ def parse_length(text: str) -> int:
 
 def load_model(checkpoint: str | Path, device: str | None = None):
     """(model in eval mode, meta, checkpoint path). ``checkpoint``: anything ``find_checkpoint``
-    accepts — a training checkpoint (meta: its hymoe.json) or ``hymoe convert from-hf`` output
-    (meta from its model.yaml; no step, and no run to find the tokenizer in: pass it)."""
+    accepts — a training checkpoint (meta: its hymoe.json), ``hymoe convert from-hf`` output
+    (meta from its model.yaml; no step, and no run to find the tokenizer in: pass it) or a Hugging
+    Face folder (its config.json and tokenizer.json)."""
     from hymoe.model.config import ModelConfig
     from hymoe.model.hf import build_single_process
 
@@ -44,7 +45,10 @@ def load_model(checkpoint: str | Path, device: str | None = None):
     cfg = ModelConfig(**meta["model"])
     cfg.loss_chunk_tokens = cfg.loss_chunk_tokens or EVAL_LOSS_CHUNK_TOKENS
     model = build_single_process(cfg, meta["vocab_size"], initialize=False)
-    ckpt.load_model_weights([model], path)
+    if meta.get("hf"):  # a Hugging Face folder, read in place
+        ckpt.load_model_weights_from_hf([model], path, cfg)
+    else:
+        ckpt.load_model_weights([model], path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     for mixer in model._mamba_mixers():
@@ -53,14 +57,17 @@ def load_model(checkpoint: str | Path, device: str | None = None):
 
 
 def tokenizer_path(checkpoint: Path, override: str | None = None) -> Path:
-    """The tokenizer.json the checkpoint's run trained with: ``override``, else the one in the
-    run's ``data.path`` (its first dataset for a blend) per the run's config.yaml."""
+    """The tokenizer.json the checkpoint's run trained with: ``override``, else one beside the
+    weights (a Hugging Face folder ships its own), else the one in the run's ``data.path`` (its
+    first dataset for a blend) per the run's config.yaml."""
     from omegaconf import OmegaConf
 
     from hymoe.data.tokenizer import tokenizer_file
 
     if override:
         return tokenizer_file(override)
+    if tokenizer_file(checkpoint).is_file():
+        return tokenizer_file(checkpoint)
     cfg_file = run_config_path(checkpoint)
     if cfg_file is not None:
         data = OmegaConf.to_container(OmegaConf.load(cfg_file)).get("data", {})

@@ -42,9 +42,9 @@ UNSET = "(unset)"
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint a path names: a ``step_*`` folder; a checkpoints folder or a run folder (its
     ``latest``); a folder of runs (the newest, by name, that has a checkpoint); or a weights-only
-    dist-checkpoint (``hymoe convert from-hf`` output)."""
+    dist-checkpoint (``hymoe convert from-hf`` output); or a Hugging Face ``nemotron_h`` folder."""
     p = Path(path)
-    if (p / "hymoe.json").exists():
+    if (p / "hymoe.json").exists() or is_hf_folder(p):
         return p
     for root in (p, p / "checkpoints"):
         latest = ckpt.latest_checkpoint(root)
@@ -59,18 +59,28 @@ def find_checkpoint(path: str | Path) -> Path:
             return ckpt.latest_checkpoint(runs[0] / "checkpoints")
     raise ckpt.CheckpointError(
         f"{p}: no checkpoint there (a step_* folder, a checkpoints or run folder with a 'latest' "
-        "marker, a folder of runs, or `hymoe convert from-hf` output); train the previous stage "
-        "first or set checkpoint.init_weights"
+        "marker, a folder of runs, `hymoe convert from-hf` output, or a Hugging Face nemotron_h "
+        "folder); train the previous stage first or set checkpoint.init_weights"
     )
 
 
 def checkpoint_meta(path: Path) -> dict:
     """What a checkpoint (``find_checkpoint``'s answer) says of itself: ``step``, ``vocab_size``
     and ``model`` (ModelConfig's fields). A training checkpoint's file table is checked first (its
-    hymoe.json); ``hymoe convert from-hf`` output has its model.yaml and no step."""
+    hymoe.json); ``hymoe convert from-hf`` output has its model.yaml and no step, a Hugging Face
+    folder its config.json (``"hf": True``)."""
     from hymoe.model.config import ModelConfig
 
-    if (path / "hymoe.json").exists():
+    if is_hf_folder(path):
+        from hymoe.model.hf_config import HFConversionError, model_config_from_hf
+
+        try:
+            cfg, vocab = model_config_from_hf(json.loads((path / "config.json").read_text()),
+                                              name=path.name)
+        except HFConversionError as e:
+            raise ckpt.CheckpointError(f"{path}/config.json: {e}") from None
+        meta = {"step": None, "model": dataclasses.asdict(cfg), "vocab_size": vocab, "hf": True}
+    elif (path / "hymoe.json").exists():
         problems = ckpt.verify(path)
         if problems:
             raise ckpt.CheckpointError(f"{problems[0]}; checkpoint {path} is damaged")
