@@ -16,9 +16,10 @@ from hymoe.model.config import ModelConfig
 from hymoe.model.hf_slices import load_hf_weights
 from hymoe.train.recipe import load_recipe
 
+# Tied embeddings: at pp2 the last stage's output weight is read from the HF embedding.
 FAST = ["optim.warmup_steps=1", "logging.progress=false", "logging.wandb=disabled",
         "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32", "train.steps=1",
-        "checkpoint.save_final=false"]
+        "checkpoint.save_final=false", "model.untie_embeddings_and_output_weights=false"]
 
 
 @pytest.mark.parametrize("cfg", [
@@ -45,8 +46,9 @@ def test_weights_read_back_bit_for_bit(cfg, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_hf(demo_data, tmp_path_factory):
-    """The tiny recipe's model, randomly initialised, as an fp32 HF folder with the demo vocabulary."""
-    cfg = load_recipe("tiny", []).model
+    """The tiny recipe's model (tied embeddings), randomly initialised, as an fp32 HF folder with
+    the demo vocabulary."""
+    cfg = load_recipe("tiny", ["model.untie_embeddings_and_output_weights=false"]).model
     vocab = json.loads((demo_data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     model = hf.build_single_process(cfg, vocab, seed=5)
     perturb(model, "expert_bias")
@@ -75,6 +77,7 @@ def test_any_layout_takes_the_same_first_step(demo_data, tiny_hf, tmp_path):
     from hymoe.data.loader import PackedStream
 
     model = hf.from_hf(tiny_hf).eval()
+    assert not model.hymoe_model_config.untie_embeddings_and_output_weights
     stream = PackedStream(demo_data, 32, 4, seed=load_recipe("tiny", []).train.seed)
     batch = next(stream)
     stream.close()
