@@ -304,7 +304,8 @@ def to_hf(
     ``model_or_state``: a hymoe model (TP=PP=EP=1; the whole model in this process), its
     ``state_dict()``, or a ``CheckpointState`` (read layer by layer); a state needs ``model_cfg``
     (and ``vocab_size`` unless the config has it). Tensors are written as they are converted,
-    one output shard (``max_shard_bytes``) in memory at a time. ``dtype``: cast floating weights (A_log, D, dt_bias and the routing bias stay fp32).
+    one output shard (``max_shard_bytes``) in memory at a time. ``dtype``: cast floating weights
+    (A_log, D, dt_bias and the routing bias stay fp32).
     """
     if isinstance(model_or_state, torch.nn.Module):
         model = getattr(model_or_state, "module", model_or_state)

@@ -108,3 +108,24 @@ def test_a_hugging_face_folder_loads_in_place(model, tmp_path):
     assert generate(loaded, PROMPT, 12) == generate(model, PROMPT, 12)
     (out / "tokenizer.json").write_text("{}")
     assert tokenizer_path(out) == out / "tokenizer.json"
+
+
+def test_stop_ids_of_a_hugging_face_folder(model, tmp_path):
+    """A released tokenizer has no hymoe end-of-document token: the folder's eos_token_id ends the
+    continuation instead; a set of stop tokens ends it at the first drawn."""
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    from hymoe.train.eval_cli import _stop_ids
+
+    out = hf.to_hf(model, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    config["eos_token_id"] = [2, 11]
+    (out / "config.json").write_text(json.dumps(config))
+    tok = Tokenizer(models.WordLevel({"a": 0, "</s>": 2}, unk_token="a"))
+    assert _stop_ids(tok, out, {"hf": True}) == {2, 11}
+    greedy = generate(model, PROMPT, 12)
+    stops = {greedy[4], greedy[7]}
+    first = min(greedy.index(t) for t in stops)
+    assert generate(model, PROMPT, 12, stop=stops) == greedy[:first]

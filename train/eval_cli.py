@@ -90,7 +90,9 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def _which(meta: dict) -> str:
-    return f"step {meta['step']}" if meta["step"] is not None else "converted weights"
+    if meta["step"] is not None:
+        return f"step {meta['step']}"
+    return "Hugging Face folder" if meta.get("hf") else "converted weights"
 
 
 def _passkey(args, lengths, depths) -> int:
@@ -168,7 +170,8 @@ def _generate_parser() -> argparse.ArgumentParser:
                    help="sample within the smallest set of tokens holding this much probability "
                         "(default 1: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run's data.path)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights, else "
+                                       "the one in the run's data.path)")
     p.add_argument("--out", help="write the prompts and continuations here as JSON lines")
     return p
 
@@ -203,7 +206,6 @@ def _generate(args, sampling) -> int:
     import time
 
     from hymoe.data import load_tokenizer
-    from hymoe.data.tokenizer import eod_id
     from hymoe.train.eval_model import load_model, tokenizer_path
     from hymoe.train.generate import generate
 
@@ -217,6 +219,7 @@ def _generate(args, sampling) -> int:
            f"top-p {sampling.top_p}, seed {args.seed}")
     print(f"generate: {path} ({_which(meta)}), {how}, up to {args.max_new_tokens} new tokens",
           flush=True)
+    stop_ids = _stop_ids(tok, path, meta)
     records, total, start = [], 0, time.perf_counter()
     for i, text in enumerate(args.prompt):
         prompt = tok.encode(text).ids
@@ -231,7 +234,7 @@ def _generate(args, sampling) -> int:
 
         max_length = meta["model"].get("max_sequence_length")
         new = generate(model, prompt, args.max_new_tokens, sampling, seed=args.seed + i,
-                       stop=eod_id(tok), max_length=max_length, on_token=stream)
+                       stop=stop_ids, max_length=max_length, on_token=stream)
         completion = tok.decode(new)
         rest = completion[len(shown[0]):] if completion.startswith(shown[0]) else f"\n{completion}"
         print(rest, flush=True)
@@ -254,3 +257,20 @@ def _generate(args, sampling) -> int:
                                     "top_p": sampling.top_p}) + "\n")
         print(f"wrote {out}")
     return 0
+
+
+def _stop_ids(tok, path: Path, meta: dict) -> set[int]:
+    """Where a continuation ends: hymoe's end-of-document token, or for a Hugging Face folder
+    whose tokenizer has none, the ``eos_token_id`` of its config.json."""
+    import json
+
+    from hymoe.data import DataError
+    from hymoe.data.tokenizer import eod_id
+
+    try:
+        return {eod_id(tok)}
+    except DataError:
+        if not meta.get("hf"):
+            raise
+    eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else {eos} if isinstance(eos, int) else set()

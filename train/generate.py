@@ -60,12 +60,12 @@ def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator) ->
 
 
 def generate(model, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-             seed: int = 0, stop: int | None = None, max_length: int | None = None,
+             seed: int = 0, stop: int | set[int] | None = None, max_length: int | None = None,
              on_token=None) -> list[int]:
     """The new tokens after ``prompt`` (not including it): at most ``max_new_tokens``, ending
-    before ``stop`` (the end-of-document token) if it is drawn, and never past ``max_length``
-    tokens in all (the model's ``max_sequence_length``). ``on_token(new_tokens)`` is called after
-    each one (the CLI streams the text with it)."""
+    before a ``stop`` token (the end-of-document token, or a set of them) if one is drawn, and
+    never past ``max_length`` tokens in all (the model's ``max_sequence_length``).
+    ``on_token(new_tokens)`` is called after each one (the CLI streams the text with it)."""
     from hymoe.train.eval_model import device_of, logits_of_last
 
     if not prompt:
@@ -74,6 +74,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, sampling: Sampling =
         raise ValueError(f"the prompt has {len(prompt)} tokens, the model at most {max_length}: "
                          "no room to generate; shorten the prompt")
     sampling.check()
+    stops = {stop} if isinstance(stop, int) else set(stop or ())
     generator = torch.Generator().manual_seed(seed)
     budget = max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(prompt))
     dev = device_of(model)
@@ -82,7 +83,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, sampling: Sampling =
         for _ in range(budget):
             logits = model(torch.tensor([tokens], device=dev), None, None)[0, -1]
             t = next_token(logits, sampling, generator)
-            if t == stop:
+            if t in stops:
                 break
             tokens.append(t)
             new.append(t)
