@@ -61,30 +61,34 @@ def test_resume_continues_exactly(trained, demo_data, tmp_path):
 
 def test_generate_streams_text_and_repeats_with_a_seed(trained, demo_data, tmp_path):
     """`hymoe generate` on the run: the text printed is the prompt and its continuation, the JSON
-    lines hold the tokens (decoding to that text), a seed repeats a sampled continuation, and the
-    greedy one is the in-process generate()'s."""
+    lines hold the tokens (decoding to that text), and greedy and seeded sampled continuations are
+    the in-process generate()'s (prompt i samples with seed + i)."""
     from hymoe.data import load_tokenizer
     from hymoe.train.eval_model import load_model
-    from hymoe.train.generate import generate
+    from hymoe.train.generate import Sampling, generate
 
     run, _ = trained
-    sampled = ["--temperature", "0.9", "--top-k", "50", "--seed", "3"]
-    rows = []
-    for name, extra in (("a", sampled), ("b", sampled), ("greedy", [])):
+    prompts = ["def main(", "The"]
+    rows = {}
+    for name, extra in (("sampled", ["--temperature", "0.9", "--top-k", "50", "--seed", "3"]),
+                        ("greedy", [])):
         out = tmp_path / f"{name}.jsonl"
-        r = hymoe("generate", str(run), "--prompt", "def main(", "--prompt", "The", "--max-new-tokens",
-                  "6", *extra, "--out", str(out))
+        r = hymoe("generate", str(run), "--prompt", prompts[0], "--prompt", prompts[1],
+                  "--max-new-tokens", "6", *extra, "--out", str(out))
         assert r.returncode == 0, r.stderr[-3000:]
-        rows.append([json.loads(x) for x in out.read_text().splitlines()])
-        for row in rows[-1]:
+        rows[name] = [json.loads(x) for x in out.read_text().splitlines()]
+        for row in rows[name]:
             assert f"{row['prompt']}{row['completion']}" in r.stdout
             assert len(row["tokens"]) == 6 or row["stop"] == "eod"
-    a, b, greedy = rows
-    assert [x["tokens"] for x in a] == [x["tokens"] for x in b]
     tok = load_tokenizer(demo_data)
-    assert all(tok.decode(x["tokens"]) == x["completion"] for x in a + greedy)
     model, _, _ = load_model(run)
-    assert greedy[0]["tokens"] == generate(model, tok.encode("def main(").ids, 6, stop=0)
+    for i, text in enumerate(prompts):
+        ids = tok.encode(text).ids
+        assert rows["greedy"][i]["tokens"] == generate(model, ids, 6, stop=0)
+        assert rows["sampled"][i]["tokens"] == generate(model, ids, 6, Sampling(0.9, 50), seed=3 + i,
+                                                        stop=0)
+        for name in rows:
+            assert tok.decode(rows[name][i]["tokens"]) == rows[name][i]["completion"]
     r = hymoe("generate", str(run), "--prompt", "x", "--top-p", "1.5")
     assert r.returncode == 2 and r.stderr.strip().startswith("hymoe: error: --top-p"), r.stderr
 
