@@ -196,6 +196,20 @@ def _bounded_map(pool: ProcessPoolExecutor, fn, items: Iterable, depth: int) -> 
         yield pending.popleft().result()
 
 
+def _split(docs: Iterator[tuple[str, int]], every: int, held_out: bool) -> Iterator[tuple[str, int]]:
+    """One side of a train/validation split: non-empty document i (counting non-empty ones) is
+    held out when i % every == every - 1. The other side's documents come through blank, so that
+    their bytes still count for the progress bar and no other code needs to know of the split."""
+    i = 0
+    for text, nbytes in docs:
+        if text:
+            keep = (i % every == every - 1) == held_out
+            i += 1
+            yield (text if keep else ""), nbytes
+        else:
+            yield text, nbytes
+
+
 def _job_key(files: list[Path], shard_tokens: int, tokenizer_spec: str) -> str:
     """Identity of a prepare job: same key ⇒ same output, so a finished or partial run can be reused."""
     desc = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
@@ -212,6 +226,7 @@ def prepare(
     workers: int = 1,
     progress: bool = True,
     text_field: str = "text",
+    split: tuple[int, bool] | None = None,
 ) -> dict:
     """Tokenize `inputs` into shards of about `shard_tokens` tokens in `output`; return the manifest.
 
@@ -220,6 +235,8 @@ def prepare(
     tokenizes in that many processes; with 1, the Rust tokenizer may still use several threads
     (set TOKENIZERS_PARALLELISM=false to stop it). Re-running a finished job returns its manifest.
     `text_field`: the jsonl field / parquet column holding each document's text.
+    `split=(every, held_out)`: only every `every`-th document (`held_out`), or all the others
+    (`prepare_split` writes both sides).
     """
     if (tokenizer is None) == (train_tokenizer_vocab is None):
         raise DataError("pass exactly one of --tokenizer PATH (an existing tokenizer.json) or "
@@ -233,6 +250,12 @@ def prepare(
     spec = f"train:{train_tokenizer_vocab}" if tokenizer is None else tk.fingerprint(tokenizer)
     if text_field != "text":  # part of the job: another field is other documents
         spec += f"|field:{text_field}"
+    if split is not None:
+        spec += f"|split:{split[0]}:{'held_out' if split[1] else 'rest'}"
+
+    def documents():
+        docs = iter_documents(files, text_field)
+        return docs if split is None else _split(docs, *split)
     job = _job_key(files, shard_tokens, spec)
 
     if (out / MANIFEST_FILE).exists():
@@ -254,7 +277,7 @@ def prepare(
                 from rich.console import Console
                 Console(stderr=True).print(f"training a {train_tokenizer_vocab}-token BPE on "
                                            f"{len(files)} files…")
-            texts = (t for t, _ in iter_documents(files, text_field) if t)
+            texts = (t for t, _ in documents() if t)
             tk.train_bpe_from_texts(texts, train_tokenizer_vocab, tok_out)
         state = {"job": job, "tokenizer_fingerprint": tk.fingerprint(tok_out), "documents": 0,
                  "shards": []}
@@ -264,7 +287,7 @@ def prepare(
     tok = _text_tokenizer(tok_out)
     vocab, eod = tk.vocab_size(tok), tk.eod_id(tok)
     dtype = dtype_for_vocab(vocab)
-    chunks = _chunks(iter_documents(files, text_field), skip=state["documents"])
+    chunks = _chunks(documents(), skip=state["documents"])
     if workers > 1:
         # spawn: forking a process that runs torch or tokenizer threads can deadlock the child.
         # An executor (not multiprocessing.Pool) raises BrokenProcessPool if a worker dies,
@@ -315,6 +338,19 @@ def prepare(
     write_manifest(out, manifest)
     (out / STATE_FILE).unlink()
     return manifest
+
+
+def prepare_split(inputs: list[str], output: str | Path, valid_every: int, **kwargs) -> tuple[dict, dict]:
+    """`prepare` with every `valid_every`-th document held out for validation: the others go to
+    `output`, the held-out ones to `output/valid` with the same tokenizer (trained, if asked, on
+    the training side only). Two passes over the inputs, each resumable on its own."""
+    if valid_every < 2:
+        raise DataError(f"--valid-every: must be >= 2 (every N-th document held out), got {valid_every}")
+    out = Path(output)
+    train = prepare(inputs, out, split=(valid_every, False), **kwargs)
+    kwargs.update(tokenizer=str(out / tk.TOKENIZER_FILE), train_tokenizer_vocab=None)
+    valid = prepare(inputs, out / "valid", split=(valid_every, True), **kwargs)
+    return train, valid
 
 
 def _manifest(shards: list[dict], fp: str, vocab: int, eod: int, dtype: str, job: str) -> dict:

@@ -147,6 +147,9 @@ def cmd_data(argv: list[str]) -> int:
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this vocabulary size on the input")
     prep.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard (default 1M)")
     prep.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    prep.add_argument("--valid-every", type=int, default=0, metavar="N",
+                      help="hold out every N-th document for the validation loss, written to "
+                           "OUTPUT/valid (data.valid_path); e.g. 100 for 1%%")
     prep.add_argument("--text-field", default="text",
                       help="the jsonl field / parquet column holding the text (default: text)")
     ver = sub.add_parser(
@@ -168,9 +171,17 @@ def cmd_data(argv: list[str]) -> int:
         if args.cmd == "prepare":
             from hymoe.data.prepare import prepare
 
-            m = prepare(args.input, args.output, tokenizer=args.tokenizer,
-                        train_tokenizer_vocab=args.train_tokenizer, shard_tokens=args.shard_tokens,
-                        workers=args.workers, text_field=args.text_field)
+            kwargs = dict(tokenizer=args.tokenizer, train_tokenizer_vocab=args.train_tokenizer,
+                          shard_tokens=args.shard_tokens, workers=args.workers,
+                          text_field=args.text_field)
+            if args.valid_every:
+                from hymoe.data.prepare import prepare_split
+
+                m, v = prepare_split(args.input, args.output, args.valid_every, **kwargs)
+                print(f"held out {v['totals']['documents']:,} documents, {v['totals']['tokens']:,} "
+                      f"tokens → {args.output}/valid (data.valid_path)")
+            else:
+                m = prepare(args.input, args.output, **kwargs)
             print(f"wrote {len(m['shards'])} shards, {m['totals']['tokens']:,} tokens → {args.output}")
         elif args.cmd == "verify":
             from hymoe.data import verify

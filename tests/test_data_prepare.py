@@ -220,3 +220,35 @@ def test_parquet_errors_name_the_file_and_column(prepared, tmp_path):
     bad.write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=rf"{bad}: not a readable parquet file"):
         prepare([str(bad)], tmp_path / "o3", tokenizer=tok, progress=False)
+
+
+def test_valid_every_holds_out_documents_with_the_same_tokenizer(prepared, tmp_path):
+    """`hymoe data prepare --valid-every 5`: documents 4, 9, 14, … go to OUTPUT/valid, every other
+    document to OUTPUT, in order, each exactly once; one tokenizer (trained on the training side);
+    both verify clean and are what training (data.path) and validation (data.valid_path) read."""
+    from helpers import hymoe
+
+    base, inputs, texts, _ = prepared
+    out = tmp_path / "split"
+    r = hymoe("data", "prepare", "--input", *inputs, "--output", str(out), "--train-tokenizer", "400",
+              "--shard-tokens", "1000", "--valid-every", "5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held out 8 documents" in r.stdout
+    train_m = json.loads((out / "manifest.json").read_text())
+    valid_m = json.loads((out / "valid" / "manifest.json").read_text())
+    assert valid_m["tokenizer"] == train_m["tokenizer"]
+    tok = load_tokenizer(out / "tokenizer.json")
+    tok.encode_special_tokens = True
+
+    def decoded(folder, m):
+        return [tok.decode(d.tolist(), skip_special_tokens=False) for d in all_docs(folder, m)]
+
+    assert decoded(out / "valid", valid_m) == [t for i, t in enumerate(texts) if i % 5 == 4]
+    assert decoded(out, train_m) == [t for i, t in enumerate(texts) if i % 5 != 4]
+    assert verify(out) == [] and verify(out / "valid") == []
+    # A rerun finds both halves done; another split of the same output is refused.
+    assert prepare_mod.prepare_split(inputs, out, 5, train_tokenizer_vocab=400, shard_tokens=1000,
+                                     progress=False) == (train_m, valid_m)
+    with pytest.raises(DataError, match="already holds"):
+        prepare_mod.prepare_split(inputs, out, 4, train_tokenizer_vocab=400, shard_tokens=1000,
+                                  progress=False)

@@ -203,5 +203,6 @@ def validate(cfg: HymoeConfig, world_size: int) -> int:
         fail("eval_iters", f"must be ≥ 1, got {t.eval_iters}")
     if t.eval_interval and not cfg.data.valid_path:
         fail("eval_interval", "validation needs held-out data: set data.valid_path to a folder "
-             "prepared with the training data's tokenizer (`hymoe data prepare --tokenizer`)")
+             "prepared with the training data's tokenizer (`hymoe data prepare --valid-every N` "
+             "writes one beside the training data)")
     return dp

@@ -70,7 +70,8 @@ def ensure_valid_data(cfg: HymoeConfig, train_path: Path, console) -> None:
     if not cfg.data.prepare_demo_if_missing:
         raise ConfigError(
             f"data.valid_path: {valid} has no manifest.json; prepare held-out text with `hymoe "
-            f"data prepare --input ... --output {valid} --tokenizer {train_path}/tokenizer.json`"
+            f"data prepare --input ... --output {valid} --tokenizer {train_path}/tokenizer.json`, "
+            "or split the corpus with `hymoe data prepare ... --valid-every N` (OUTPUT/valid)"
         )
     if dist.get_rank() == 0:
         from hymoe.data.prepare import prepare_demo_valid
