@@ -273,6 +273,9 @@ def cmd_compare(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="folder for loss_curves.png and compare.json")
     p.add_argument("--max-gap", type=float, default=None, metavar="PCT",
                    help="exit 1 if the final loss gap to the baseline exceeds PCT percent")
+    p.add_argument("--max-val-gap", type=float, default=None, metavar="PCT",
+                   help="exit 1 if the last validation loss's gap to the baseline exceeds PCT "
+                        "percent (runs with train.eval_interval)")
     args = p.parse_args(argv)
     _quiet()
     from hymoe.train.compare import compare_runs
@@ -285,6 +288,13 @@ def cmd_compare(argv: list[str]) -> int:
         print(line)
     if args.max_gap is not None and summary["max_gap_pct"] > args.max_gap:
         _fail(f"final loss gap {summary['max_gap_pct']:.2f}% exceeds --max-gap {args.max_gap}%", 1)
+    if args.max_val_gap is not None:
+        gap = summary["max_val_gap_pct"]
+        if gap is None:
+            _fail("--max-val-gap: not every run has a validation loss; train them with "
+                  "data.valid_path and train.eval_interval", 2)
+        if gap > args.max_val_gap:
+            _fail(f"validation loss gap {gap:.2f}% exceeds --max-val-gap {args.max_val_gap}%", 1)
     return 0
 
 

@@ -44,9 +44,18 @@ def test_validation_losses_are_compared_when_every_run_has_them(tmp_path):
     assert "validation 4.080 (+2.00%)" in s["lines"][1]
     assert "+2.00%" in (tmp_path / "out" / "report.html").read_text()
     assert s["max_gap_pct"] == 0.0  # --max-gap stays on the training loss
+    assert abs(s["max_val_gap_pct"] - 2.0) < 1e-9  # --max-val-gap reads this
+    cmd = [sys.executable, "-m", "hymoe", "compare", str(base), str(fp4), "--out", str(tmp_path)]
+    assert subprocess.run(cmd + ["--max-val-gap", "2.5"], capture_output=True).returncode == 0
+    r = subprocess.run(cmd + ["--max-val-gap", "1.5"], capture_output=True, text=True)
+    assert r.returncode == 1 and "exceeds --max-val-gap" in r.stderr
     # A run without validation gets no validation numbers.
-    s = compare_runs([str(base), str(_run(tmp_path, "plain", [5.0] * 10))], tmp_path / "out2")
-    assert "val_loss" not in s["runs"][1]
+    plain = _run(tmp_path, "plain", [5.0] * 10)
+    s = compare_runs([str(base), str(plain)], tmp_path / "out2")
+    assert "val_loss" not in s["runs"][1] and s["max_val_gap_pct"] is None
+    r = subprocess.run([sys.executable, "-m", "hymoe", "compare", str(base), str(plain), "--out",
+                        str(tmp_path / "out3"), "--max-val-gap", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--max-val-gap" in r.stderr
 
 
 def test_config_differences_and_real_runs_from_metrics_and_wandb(demo_data, tmp_path):

@@ -108,7 +108,7 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     base_final = tail_mean([r["loss"] for r in runs[0][1]])
-    summary = {"runs": [], "lines": [], "max_gap_pct": 0.0}
+    summary = {"runs": [], "lines": [], "max_gap_pct": 0.0, "max_val_gap_pct": None}
     fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 1.3])
     base_by_tokens = {r["tokens"]: r["loss"] for r in runs[0][1]}
     base_val = _last_val(runs[0][1])
@@ -138,6 +138,8 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path) -> dict:
         rel = [100.0 * (r["loss"] - base_by_tokens[r["tokens"]]) / base_by_tokens[r["tokens"]]
                for r in rows if r["tokens"] in base_by_tokens]
         axr.plot(common, ema(rel), color=line.get_color(), linewidth=1.2)
+    if all("val_gap_pct" in r for r in summary["runs"]):  # None: not every run validated
+        summary["max_val_gap_pct"] = max(abs(r["val_gap_pct"]) for r in summary["runs"])
     ax.set_ylabel("loss")
     ax.set_title("loss curves (EMA 0.9 solid, raw faint, validation dashed)")
     ax.legend()
