@@ -273,20 +273,23 @@ def _write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], path: Path,
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def safetensors_files(path: Path) -> list[str]:
+    """The weight files of an HF folder: ``model.safetensors``, or those of its sharded index."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise HFConversionError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
 def read_hf_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder (``model.safetensors`` or a sharded index)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise HFConversionError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
-    for f in files:
+    for f in safetensors_files(path):
         state.update(load_file(str(path / f)))
     return state
 

@@ -13,14 +13,13 @@ The names follow ``hymoe.model.hf`` (one mapping for export, import and this).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from hymoe.model.config import ModelConfig
-from hymoe.model.hf import _layer_names, _layers, _mtp_block_names, _qkv_join
+from hymoe.model.hf import _layer_names, _layers, _mtp_block_names, _qkv_join, safetensors_files
 from hymoe.model.hf_config import HFConversionError
 from hymoe.model.pattern import ATTENTION
 
@@ -32,15 +31,8 @@ class HFSlices:
         from safetensors import safe_open
 
         self.dir, self.cfg = Path(hf_dir), cfg
-        index = self.dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.dir / "model.safetensors").exists():
-            weight_map = None
-        else:
-            raise HFConversionError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._files = {f: safe_open(str(self.dir / f), framework="pt") for f in files}
+        self._files = {f: safe_open(str(self.dir / f), framework="pt")
+                       for f in safetensors_files(self.dir)}
         self._where = {}
         for f, handle in self._files.items():
             for key in handle.keys():

@@ -72,14 +72,7 @@ def checkpoint_meta(path: Path) -> dict:
     from hymoe.model.config import ModelConfig
 
     if is_hf_folder(path):
-        from hymoe.model.hf_config import HFConversionError, model_config_from_hf
-
-        try:
-            cfg, vocab = model_config_from_hf(json.loads((path / "config.json").read_text()),
-                                              name=path.name)
-        except HFConversionError as e:
-            raise ckpt.CheckpointError(f"{path}/config.json: {e}") from None
-        meta = {"step": None, "model": dataclasses.asdict(cfg), "vocab_size": vocab, "hf": True}
+        meta = hf_meta(path)
     elif (path / "hymoe.json").exists():
         problems = ckpt.verify(path)
         if problems:
@@ -161,9 +154,22 @@ def is_hf_folder(path: str | Path) -> bool:
         (p / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
+def hf_meta(path: Path, mtp_depths: int | None = None) -> dict:
+    """``checkpoint_meta`` of a Hugging Face folder, from its config.json (``mtp_depths``: those
+    of a shared MTP block, see ``model_config_from_hf``)."""
+    from hymoe.model.hf_config import HFConversionError, model_config_from_hf
+
+    try:
+        cfg, vocab = model_config_from_hf(json.loads((path / "config.json").read_text()),
+                                          name=path.name, mtp_depths=mtp_depths)
+    except HFConversionError as e:
+        raise ckpt.CheckpointError(f"{path}/config.json: {e}") from None
+    return {"step": None, "model": dataclasses.asdict(cfg), "vocab_size": vocab, "hf": True}
+
+
 def _start_from_hf(trainer, path: Path) -> tuple[dict, dict, str]:
     """Load an HF folder's weights, each rank reading its shards; (meta, old config, against)."""
-    from hymoe.model.hf_config import HFConversionError, model_config_from_hf
+    from hymoe.model.hf_config import HFConversionError
 
     cfg, cc = trainer.cfg, trainer.cfg.checkpoint
     if cc.init_optimizer:
@@ -172,11 +178,9 @@ def _start_from_hf(trainer, path: Path) -> tuple[dict, dict, str]:
             "state; set checkpoint.init_optimizer=false")
     shared = len(cfg.model.mtp_depths) if cfg.model.mtp_shared_layer else None
     try:
-        hf_cfg, vocab = model_config_from_hf(json.loads((path / "config.json").read_text()),
-                                             name=path.name, mtp_depths=shared)
-    except HFConversionError as e:
-        raise ckpt.CheckpointError(f"checkpoint.init_weights: {path}/config.json: {e}") from None
-    meta = {"model": dataclasses.asdict(hf_cfg), "vocab_size": vocab}
+        meta = hf_meta(path, shared)
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(f"checkpoint.init_weights: {e}") from None
     _check_architecture(meta, cfg, trainer.vocab_size, path)
     try:
         ckpt.load_model_weights_from_hf(trainer.chunks, path, cfg.model)

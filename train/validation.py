@@ -36,7 +36,6 @@ class Validator:
         self.start = self.stream.state_dict()
         self.iters, self.document_masks = t.eval_iters, t.document_masks
         self.seq_len, self.micro_batch = t.seq_len, t.micro_batch
-        self.tokens_per_eval = t.eval_iters * t.global_batch * t.seq_len
 
     def run(self, chunks, num_microbatches: int) -> dict:
         """{"val/loss", "val/ppl", "val/tokens", "val/time_s"}: the same on every rank."""
